@@ -1,0 +1,93 @@
+"""Command line: flags and environment -> frozen config -> logging -> run the server."""
+
+from __future__ import annotations
+
+import os
+
+# libgomp busy-waits 300k spins by default; on a small box that starves the other stages
+# (shared/MODELS.md trap 3). Must be set before llama.cpp or CTranslate2 load; workers inherit it.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import structlog  # noqa: E402
+
+from . import logsetup  # noqa: E402
+from .config import ConfigError, ServerConfig, from_env, validate, with_overrides  # noqa: E402
+from .setup.selection import default_models_dir, read_selection  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI; every flag also has an environment variable (shown in --help)."""
+    p = argparse.ArgumentParser(
+        prog="local-ai-server",
+        description="Self-hosted voice AI over WebSocket (AVA local_ai_server protocol v2).",
+    )
+    p.add_argument("--host", help="bind address (LOCAL_WS_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (LOCAL_WS_PORT, default 8765; 0 picks a free one)")
+    p.add_argument("--models-dir", type=Path, help="models directory with selected.json (LOCAL_MODELS_DIR)")
+    p.add_argument("--stt-model", type=Path, help="faster-whisper model directory (LOCAL_STT_MODEL_PATH)")
+    p.add_argument("--llm-model", type=Path, help="GGUF file (LOCAL_LLM_MODEL_PATH)")
+    p.add_argument("--tts-model", type=Path, help="Piper .onnx voice (LOCAL_TTS_MODEL_PATH)")
+    p.add_argument("--llm-workers", type=int, help="LLM worker processes (LOCAL_LLM_WORKERS, default 1)")
+    p.add_argument("--log-level", help="debug|info|warning|error (LOCAL_LOG_LEVEL)")
+    p.add_argument("--log-json", action="store_true", default=None, help="JSON log lines even on a terminal")
+    return p
+
+
+def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None) -> ServerConfig:
+    """Resolve flags over environment over selected.json over defaults."""
+    args = build_parser().parse_args(argv)
+    environ = dict(os.environ if env is None else env)
+    for flag, var in (("host", "LOCAL_WS_HOST"), ("port", "LOCAL_WS_PORT"), ("stt_model", "LOCAL_STT_MODEL_PATH"),
+                      ("llm_model", "LOCAL_LLM_MODEL_PATH"), ("tts_model", "LOCAL_TTS_MODEL_PATH"),
+                      ("llm_workers", "LOCAL_LLM_WORKERS"), ("log_level", "LOCAL_LOG_LEVEL")):
+        value = getattr(args, flag)
+        if value is not None:
+            environ[var] = str(value)
+    models_dir = args.models_dir or (Path(environ["LOCAL_MODELS_DIR"]) if environ.get("LOCAL_MODELS_DIR")
+                                     else default_models_dir())
+    models_dir = models_dir.expanduser().resolve()
+    selection = read_selection(models_dir)
+    paths: dict[str, Path] = {}
+    tier = None
+    if selection is not None:
+        tier = selection.tier
+        paths = selection.paths()
+    cfg = from_env(environ, models_dir=models_dir, selection_paths=paths, tier=tier)
+    if args.log_json:
+        cfg = with_overrides(cfg, log_json=True)
+    validate(cfg)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `local-ai-server` console script."""
+    try:
+        cfg = load_config(argv)
+    except (ConfigError, ValueError) as exc:
+        print(f"local-ai-server: {exc}", file=sys.stderr)
+        return 2
+    logsetup.configure(cfg.log_level, cfg.log_json)
+    log = structlog.get_logger("local_ai_server")
+    log.info("server.starting", host=cfg.host, port=cfg.port, tier=cfg.tier,
+             stt=str(cfg.stt.model_path) if cfg.stt.model_path else None,
+             llm=str(cfg.llm.model_path) if cfg.llm.model_path else None,
+             tts=str(cfg.tts.model_path) if cfg.tts.model_path else None,
+             llm_threads=cfg.llm.threads, stt_threads=cfg.stt.threads, tts_threads=cfg.tts.threads,
+             auth=cfg.auth_token is not None)
+    from .server import run
+
+    try:
+        asyncio.run(run(cfg))
+    except OSError as exc:
+        log.error("server.failed", error=str(exc))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Frozen configuration dataclasses, built from environment variables, flags and selected.json."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a friendly voice assistant on a phone call. "
+    "Answer in one to three short, plain sentences that sound natural when spoken aloud. "
+    "Never use lists, markdown, emojis, code or symbols. "
+    "If you do not know something, say so briefly."
+)
+
+LOOPBACK_HOSTS = ("localhost", "::1", "ip6-localhost")
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` only accepts connections from this machine."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def cpu_count() -> int:
+    """Cores this process may use (cgroup/affinity aware where the OS says so)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class SttConfig:
+    """Speech-to-text settings (faster-whisper + Silero VAD segmentation)."""
+
+    model_path: Path | None
+    threads: int
+    compute_type: str = "int8"
+    language: str = "en"
+    beam_size: int = 1
+    concurrency: int = 1
+    idle_ms: int = 5000
+    partial_interval_ms: int = 900
+    silence_ms: int = 500
+    # RMS of a 32 ms window on the int16 scale below which a window never counts as speech.
+    energy_threshold: int = 100
+    vad_threshold: float = 0.5
+    max_utterance_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class LlmConfig:
+    """LLM settings (llama-cpp-python in a process pool)."""
+
+    model_path: Path | None
+    threads: int
+    context: int = 2048
+    batch: int = 256
+    max_tokens: int = 128
+    temperature: float = 0.4
+    top_p: float = 0.9
+    repeat_penalty: float = 1.1
+    gpu_layers: int = 0
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    workers: int = 1
+    max_queue: int = 8
+    infer_timeout_s: float = 60.0
+    history_turns: int = 8
+
+
+@dataclass(frozen=True)
+class TtsConfig:
+    """Text-to-speech settings (Piper)."""
+
+    model_path: Path | None
+    threads: int
+    concurrency: int = 1
+    max_chars: int = 4000
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server needs, resolved once at start-up."""
+
+    host: str
+    port: int
+    stt: SttConfig
+    llm: LlmConfig
+    tts: TtsConfig
+    models_dir: Path
+    auth_token: str | None = None
+    max_frame_bytes: int = 8 * 1024 * 1024
+    max_text_chars: int = 4000
+    send_queue_max: int = 512
+    tier: str | None = None
+    log_level: str = "info"
+    log_json: bool | None = None
+    allow_any_model_path: bool = False
+    missing: tuple[str, ...] = field(default_factory=tuple)
+
+
+class ConfigError(ValueError):
+    """A setting has a value the server cannot use."""
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip()
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    return raw.lower() in ("1", "true", "yes", "on")
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = _get(env, name)
+    return Path(raw).expanduser() if raw else None
+
+
+def thread_budget(cores: int) -> tuple[int, int, int]:
+    """Threads for (llm, stt, tts) on a machine with `cores` cores.
+
+    The LLM gets every core: it is the long-running stage. STT and TTS run in
+    short bursts; with GOMP_SPINCOUNT capped and Piper's spinning off they share
+    the cores without collapsing the LLM's decode rate (measured in bench/).
+    """
+    llm = max(1, min(cores, 8))
+    stt = max(1, min(cores, 4))
+    tts = max(1, min(cores // 2, 2))
+    return llm, stt, tts
+
+
+def from_env(
+    env: Mapping[str, str],
+    *,
+    models_dir: Path,
+    selection_paths: Mapping[str, Path] | None = None,
+    tier: str | None = None,
+) -> ServerConfig:
+    """Build the config from AVA-compatible environment variables plus the installed selection."""
+    sel = dict(selection_paths or {})
+    llm_threads, stt_threads, tts_threads = thread_budget(cpu_count())
+    stt = SttConfig(
+        model_path=_path(env, "LOCAL_STT_MODEL_PATH") or sel.get("stt"),
+        threads=_int(env, "LOCAL_STT_THREADS", stt_threads, 1),
+        compute_type=_get(env, "LOCAL_STT_COMPUTE_TYPE") or "int8",
+        language=_get(env, "LOCAL_STT_LANGUAGE") or "en",
+        idle_ms=_int(env, "LOCAL_STT_IDLE_MS", 5000, 100),
+        partial_interval_ms=_int(env, "LOCAL_STT_PARTIAL_MS", 900, 0),
+        silence_ms=_int(env, "LOCAL_STT_SEGMENT_SILENCE_MS", 500, 100),
+        energy_threshold=_int(env, "LOCAL_STT_SEGMENT_ENERGY_THRESHOLD", 100, 0),
+        max_utterance_s=_float(env, "LOCAL_STT_MAX_UTTERANCE_S", 30.0),
+    )
+    llm = LlmConfig(
+        model_path=_path(env, "LOCAL_LLM_MODEL_PATH") or sel.get("llm"),
+        threads=_int(env, "LOCAL_LLM_THREADS", llm_threads, 1),
+        context=_int(env, "LOCAL_LLM_CONTEXT", 2048, 128),
+        batch=_int(env, "LOCAL_LLM_BATCH", 256, 8),
+        max_tokens=_int(env, "LOCAL_LLM_MAX_TOKENS", 128, 1),
+        temperature=_float(env, "LOCAL_LLM_TEMPERATURE", 0.4),
+        top_p=_float(env, "LOCAL_LLM_TOP_P", 0.9),
+        repeat_penalty=_float(env, "LOCAL_LLM_REPEAT_PENALTY", 1.1),
+        gpu_layers=_int(env, "LOCAL_LLM_GPU_LAYERS", 0, -1),
+        system_prompt=_get(env, "LOCAL_LLM_SYSTEM_PROMPT") or DEFAULT_SYSTEM_PROMPT,
+        workers=_int(env, "LOCAL_LLM_WORKERS", 1, 1),
+        max_queue=_int(env, "LOCAL_LLM_MAX_QUEUE", 8, 0),
+        infer_timeout_s=_float(env, "LOCAL_LLM_INFER_TIMEOUT_SEC", 60.0),
+    )
+    tts_model = _path(env, "LOCAL_TTS_MODEL_PATH") or sel.get("tts")
+    tts = TtsConfig(model_path=tts_model, threads=_int(env, "LOCAL_TTS_THREADS", tts_threads, 1))
+    host = _get(env, "LOCAL_WS_HOST") or "127.0.0.1"
+    json_env = _get(env, "LOCAL_LOG_JSON")
+    return ServerConfig(
+        host=host,
+        port=_int(env, "LOCAL_WS_PORT", 8765, 0),
+        stt=stt,
+        llm=llm,
+        tts=tts,
+        models_dir=models_dir,
+        auth_token=_get(env, "LOCAL_WS_AUTH_TOKEN"),
+        max_frame_bytes=_int(env, "LOCAL_WS_MAX_FRAME_BYTES", 8 * 1024 * 1024, 1024),
+        max_text_chars=_int(env, "LOCAL_MAX_TEXT_CHARS", 4000, 16),
+        tier=tier,
+        log_level=(_get(env, "LOCAL_LOG_LEVEL") or "info").lower(),
+        log_json=None if json_env is None else _bool(env, "LOCAL_LOG_JSON", False),
+        allow_any_model_path=_bool(env, "LOCAL_ALLOW_ANY_MODEL_PATH", False),
+    )
+
+
+def validate(cfg: ServerConfig) -> None:
+    """Refuse settings that would make the server unsafe or unusable."""
+    if not is_loopback(cfg.host) and not cfg.auth_token:
+        raise ConfigError(
+            f"refusing to listen on non-loopback host {cfg.host!r} without LOCAL_WS_AUTH_TOKEN; "
+            "set a token (or bind to 127.0.0.1)"
+        )
+    if cfg.log_level not in ("debug", "info", "warning", "error", "critical"):
+        raise ConfigError(f"LOCAL_LOG_LEVEL must be debug|info|warning|error, got {cfg.log_level!r}")
+
+
+def with_overrides(cfg: ServerConfig, **changes: object) -> ServerConfig:
+    """A copy of `cfg` with top-level fields replaced (used by the CLI flags)."""
+    return replace(cfg, **changes)  # type: ignore[arg-type]

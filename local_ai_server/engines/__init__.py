@@ -1,0 +1,1 @@
+"""Engine adapters: one small synchronous interface per stage (STT, LLM, TTS)."""

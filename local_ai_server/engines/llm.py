@@ -1,0 +1,99 @@
+"""llama-cpp-python adapter; imported only inside LLM pool worker processes."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+
+@dataclass(frozen=True)
+class LlmParams:
+    """Per-model load parameters (picklable: sent to worker processes)."""
+
+    context: int
+    threads: int
+    batch: int
+    gpu_layers: int
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling parameters."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    repeat_penalty: float
+
+
+class LlamaEngine:
+    """One loaded GGUF model that streams chat completions with the model's own chat template."""
+
+    def __init__(self, model_path: Path, params: LlmParams) -> None:
+        from llama_cpp import Llama  # heavy import: only in the worker process
+
+        if not model_path.is_file():
+            raise FileNotFoundError("model file not found")
+        self.path = model_path
+        self.params = params
+        self._llm = Llama(
+            model_path=str(model_path),
+            n_ctx=params.context,
+            n_threads=params.threads,
+            n_threads_batch=params.threads,
+            n_batch=params.batch,
+            n_gpu_layers=params.gpu_layers,
+            verbose=False,
+        )
+
+    def warm_up(self) -> None:
+        """Decode a couple of tokens: a broken build (AMX) crashes on decode, not on load."""
+        for _ in self.stream([("user", "Hi")], SamplingParams(2, 0.0, 1.0, 1.0), lambda: False):
+            pass
+
+    def stream(
+        self,
+        messages: list[tuple[str, str]],
+        sampling: SamplingParams,
+        should_stop: Callable[[], bool],
+    ) -> Iterator[str]:
+        """Yield text deltas until the answer ends or `should_stop()` turns true."""
+        chat: Any = [{"role": role, "content": content} for role, content in messages]
+        chunks = self._llm.create_chat_completion(
+            messages=chat,
+            stream=True,
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            repeat_penalty=sampling.repeat_penalty,
+        )
+        try:
+            for chunk in chunks:
+                delta = chunk["choices"][0]["delta"].get("content")  # type: ignore[index]
+                if delta:
+                    yield delta
+                if should_stop():
+                    break
+        finally:
+            # Closing the generator stops llama.cpp from decoding further tokens.
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    def describe(self) -> dict[str, Any]:
+        """What the model is, for status replies."""
+        meta = getattr(self._llm, "metadata", {}) or {}
+        return {"name": meta.get("general.name") or self.path.stem, "n_ctx": self._llm.n_ctx()}
+
+
+def now_ms() -> float:
+    """Monotonic milliseconds."""
+    return time.monotonic() * 1000.0
+
+
+def worker_pid() -> int:
+    """This worker's process id."""
+    return os.getpid()

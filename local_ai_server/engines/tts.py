@@ -1,0 +1,49 @@
+"""Piper adapter: text -> one float32 chunk per sentence, in the calling thread."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+
+class PiperTts:
+    """A loaded Piper voice with an explicit thread budget and no busy-waiting threads."""
+
+    def __init__(self, model_path: Path, *, threads: int) -> None:
+        import onnxruntime
+        from piper import PiperVoice
+        from piper.config import PiperConfig
+
+        config_path = Path(f"{model_path}.json")
+        if not model_path.is_file() or not config_path.is_file():
+            raise FileNotFoundError("TTS voice (.onnx and .onnx.json) not found")
+        with open(config_path, encoding="utf-8") as fh:
+            config = PiperConfig.from_dict(json.load(fh))
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        # Spinning threads steal the cores the LLM decodes on (shared/MODELS.md trap 3).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        session = onnxruntime.InferenceSession(str(model_path), sess_options=opts,
+                                               providers=["CPUExecutionProvider"])
+        self.path = model_path
+        self.sample_rate: int = config.sample_rate
+        self._voice = PiperVoice(session=session, config=config)
+
+    def synthesize(self, text: str) -> Iterator[np.ndarray]:
+        """Yield float32 mono audio at `sample_rate`, one array per sentence Piper finds."""
+        for chunk in self._voice.synthesize(text):
+            yield np.asarray(chunk.audio_float_array, dtype=np.float32)
+
+    def synthesize_all(self, text: str) -> np.ndarray:
+        """The whole text as one float32 array."""
+        parts = list(self.synthesize(text))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+    def warm_up(self) -> None:
+        """Synthesize a word so the first caller does not pay for lazy initialisation."""
+        self.synthesize_all("Hello.")

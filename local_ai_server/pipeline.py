@@ -1,0 +1,483 @@
+"""One session's work: speech in -> utterances -> transcripts -> LLM turns -> spoken sentences out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import structlog
+
+from . import protocol as P
+from .audio import StreamResampler, encode_output, mulaw_decode, normalize_input_format, pcm16_to_float32
+from .config import ServerConfig
+from .errors import Busy, NotReady, ServerError, UnsupportedAudio
+from .metrics import Metrics
+from .runtime import Engines
+from .session import Session
+from .text import SentenceSplitter, clean_for_speech
+from .vad import Segmenter, SegmenterSettings, UtteranceEnd, UtteranceStart
+
+log = structlog.get_logger(__name__)
+
+# Frames with more samples than this are decoded and segmented on a thread, not on the loop.
+INLINE_SAMPLES = 8000
+AUDIO_QUEUE_FRAMES = 2000
+_turn_ids = itertools.count(1)
+
+
+def _rid(value: P.RequestId) -> str | None:
+    return None if value is None else str(value)
+
+
+class Outbox(Protocol):
+    """Where a session's outgoing messages go (the server's per-connection writer)."""
+
+    def send_control(self, msg: dict[str, Any]) -> None:
+        """Replies that must not wait behind audio (acks, status, errors)."""
+
+    def send_data(self, msg: dict[str, Any], turn: Turn | None = None) -> None:
+        """Ordered data; dropped unsent if `turn` was cancelled meanwhile."""
+
+    def send_audio(self, header: dict[str, Any], payload: bytes, turn: Turn) -> None:
+        """A tts_audio header and its binary frame, sent back to back."""
+
+
+@dataclass(eq=False)
+class Turn:
+    """One answer in flight; cancelling it drops everything of it not yet sent."""
+
+    id: int
+    kind: str  # "voice" | "llm_request"
+    request_id: P.RequestId
+    cancelled: bool = False
+    task: asyncio.Task[None] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def cancel(self) -> None:
+        """Mark cancelled (synchronously: the writer checks it) and stop the task."""
+        self.cancelled = True
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+class SessionRunner:
+    """Drives one session: its audio stream, its turns, its TTS requests."""
+
+    def __init__(self, session: Session, engines: Engines, outbox: Outbox, cfg: ServerConfig,
+                 metrics: Metrics) -> None:
+        self.session = session
+        self.engines = engines
+        self.out = outbox
+        self.cfg = cfg
+        self.metrics = metrics
+        self.turns: set[Turn] = set()
+        self.voice_turn: Turn | None = None
+        self._audio_q: asyncio.Queue[tuple[np.ndarray, str, P.RequestId]] = asyncio.Queue(AUDIO_QUEUE_FRAMES)
+        self._speech_task: asyncio.Task[None] | None = None
+        self._finals_q: asyncio.Queue[tuple[UtteranceEnd | None, str, P.RequestId, float]] = asyncio.Queue()
+        self._finals_task: asyncio.Task[None] | None = None
+        self._segmenter: Segmenter | None = None
+        self._resampler: StreamResampler | None = None
+        self._resampler_key: tuple[str, int] | None = None
+        self._utterance_no = 0
+        self._partial_task: asyncio.Task[None] | None = None
+        self._last_partial_text = ""
+        self._last_partial_at_ms = 0.0
+        self._audio_since_final = False
+        self._stt_unavailable_sent = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def error(self, err: ServerError) -> None:
+        """Send the error envelope and count it."""
+        if err.call_id is None:
+            err.call_id = self.session.call_id
+        self.metrics.errors.labels(err.code).inc()
+        self.out.send_control(P.error_message(err))
+
+    def segmenter_settings(self) -> SegmenterSettings:
+        """The session's segmentation settings over the server defaults."""
+        s, c = self.session, self.cfg.stt
+        return SegmenterSettings(
+            silence_ms=s.segment_silence_ms if s.segment_silence_ms is not None else c.silence_ms,
+            energy_threshold=(s.segment_energy_threshold if s.segment_energy_threshold is not None
+                              else c.energy_threshold),
+            vad_threshold=c.vad_threshold,
+            max_utterance_s=c.max_utterance_s,
+        )
+
+    def settings_changed(self) -> None:
+        """set_mode changed the thresholds: apply them to the live segmenter."""
+        if self._segmenter is not None:
+            self._segmenter.update(self.segmenter_settings())
+
+    # ------------------------------------------------------------------ audio in
+
+    def accept_audio(self, payload: bytes, fmt: str | None, rate: int | None, request_id: P.RequestId,
+                     *, binary: bool = False) -> None:
+        """Queue one inbound audio frame (decoding happens in the speech task); raises UnsupportedAudio."""
+        s = self.session
+        if binary:
+            fmt_n, rate_n = s.input_format, s.input_rate
+        else:
+            fmt_n = normalize_input_format(fmt, None)
+            rate_n = rate if rate is not None else (8000 if fmt_n == "mulaw" else 16000)
+            normalize_input_format(fmt_n, rate_n)
+            # A JSON frame's format and rate become the session's defaults for later binary frames.
+            s.input_format, s.input_rate = fmt_n, rate_n
+        if fmt_n == "pcm16le" and len(payload) % 2:
+            raise UnsupportedAudio("pcm16le audio must have an even number of bytes", request_id=_rid(request_id))
+        if not payload:
+            return
+        mode = s.mode
+        if self._speech_task is None or self._speech_task.done():
+            self._speech_task = self._spawn(self._speech_loop())
+            self._finals_task = self._spawn(self._finals_loop())
+        try:
+            self._audio_q.put_nowait((self._decode_or_raw(payload, fmt_n, rate_n), mode, request_id))
+        except asyncio.QueueFull:
+            self.metrics.audio_dropped.inc()
+            raise Busy("audio queue is full; frame dropped", request_id=_rid(request_id)) from None
+
+    def _decode_or_raw(self, payload: bytes, fmt: str, rate: int) -> Any:
+        # Decoding is deferred to the speech task so that it can run off the loop for big frames.
+        return (payload, fmt, rate)
+
+    def _decode(self, item: tuple[bytes, str, int]) -> np.ndarray:
+        payload, fmt, rate = item
+        pcm = mulaw_decode(payload) if fmt == "mulaw" else payload
+        x = pcm16_to_float32(pcm)
+        if rate == 16000:
+            return x
+        key = (fmt, rate)
+        if self._resampler is None or self._resampler_key != key:
+            self._resampler, self._resampler_key = StreamResampler(rate, 16000), key
+        return self._resampler.process(x)
+
+    def _process_frame(self, item: tuple[bytes, str, int]) -> list[Any]:
+        assert self._segmenter is not None
+        return self._segmenter.feed(self._decode(item))
+
+    async def _speech_loop(self) -> None:
+        """Segment the stream; launch partials; queue finals; flush after the idle timeout."""
+        idle_s = self.cfg.stt.idle_ms / 1000.0
+        while True:
+            if self.engines.vad is None:
+                await self._drain_without_stt()
+                continue
+            if self._segmenter is None:
+                self._segmenter = Segmenter(self.engines.vad.stream(), self.segmenter_settings())
+            try:
+                item, mode, rid = await asyncio.wait_for(
+                    self._audio_q.get(), timeout=idle_s if self._audio_since_final else None
+                )
+            except asyncio.TimeoutError:
+                self._on_idle()
+                continue
+            self._audio_since_final = True
+            raw = item[0]
+            samples = len(raw) // (1 if item[1] == "mulaw" else 2)
+            try:
+                if samples > INLINE_SAMPLES:
+                    events = await self.engines.run_aux(self._process_frame, item)
+                else:
+                    events = self._process_frame(item)
+            except Exception:  # noqa: BLE001 - garbage audio must not kill the session's speech task
+                log.warning("audio.decode_failed", session=self.session.id, exc_info=True)
+                self.error(UnsupportedAudio("audio frame could not be decoded"))
+                continue
+            for ev in events:
+                if isinstance(ev, UtteranceStart):
+                    self._utterance_no += 1
+                    self._last_partial_text = ""
+                    self._last_partial_at_ms = 0.0
+                elif isinstance(ev, UtteranceEnd):
+                    self._queue_final(ev, mode, rid)
+            self._maybe_partial(mode, rid)
+
+    async def _drain_without_stt(self) -> None:
+        item, mode, rid = await self._audio_q.get()
+        if not self._stt_unavailable_sent:
+            self._stt_unavailable_sent = True
+            self.out.send_data(P.stt_result("", call_id=self.session.call_id, mode=mode, is_final=True,
+                                            request_id=rid, error="stt_unavailable"))
+
+    def _queue_final(self, ev: UtteranceEnd | None, mode: str, rid: P.RequestId) -> None:
+        self._audio_since_final = False
+        self._utterance_no += 1  # invalidates partials still running for this utterance
+        self._finals_q.put_nowait((ev, mode, rid, time.monotonic()))
+
+    def _on_idle(self) -> None:
+        """No audio for LOCAL_STT_IDLE_MS: end the utterance in progress (or send an empty stt final)."""
+        assert self._segmenter is not None
+        ev = self._segmenter.flush()
+        mode = self.session.mode
+        if ev is not None or mode == "stt":
+            self._queue_final(ev, mode, None)
+        self._audio_since_final = False
+
+    def _maybe_partial(self, mode: str, rid: P.RequestId) -> None:
+        seg = self._segmenter
+        interval = self.cfg.stt.partial_interval_ms
+        if seg is None or not seg.in_speech or interval <= 0 or self.engines.stt is None:
+            return
+        if self._partial_task is not None and not self._partial_task.done():
+            return  # one partial at a time per session; the final matters more
+        if not self._finals_q.empty():
+            return
+        if seg.speech_ms - self._last_partial_at_ms < interval:
+            return
+        self._last_partial_at_ms = seg.speech_ms
+        audio = seg.utterance_audio()
+        self._partial_task = self._spawn(self._partial(audio, mode, rid, self._utterance_no))
+
+    async def _partial(self, audio: np.ndarray, mode: str, rid: P.RequestId, utterance_no: int) -> None:
+        try:
+            result = await self.engines.transcribe(audio, "partial")
+        except ServerError:
+            return
+        text = result.text.strip()
+        # Drop it if the utterance ended meanwhile (its final is coming) or nothing changed.
+        if utterance_no != self._utterance_no or not text or text == self._last_partial_text:
+            return
+        self._last_partial_text = text
+        self.out.send_data(P.stt_result(text, call_id=self.session.call_id, mode=mode, is_final=False,
+                                        confidence=result.confidence, request_id=rid))
+
+    async def _finals_loop(self) -> None:
+        """Transcribe utterances in order and act on each final."""
+        while True:
+            ev, mode, rid, ended_at = await self._finals_q.get()
+            if self._partial_task is not None and not self._partial_task.done():
+                with contextlib.suppress(BaseException):
+                    await self._partial_task  # keeps the STT thread for the final, and partials before finals
+            if ev is None:
+                self.out.send_data(P.stt_result("", call_id=self.session.call_id, mode=mode, is_final=True,
+                                                request_id=rid))
+                continue
+            t0 = time.monotonic()
+            try:
+                result = await self.engines.transcribe(ev.audio, "final")
+            except NotReady:
+                self.out.send_data(P.stt_result("", call_id=self.session.call_id, mode=mode, is_final=True,
+                                                request_id=rid, error="stt_unavailable"))
+                continue
+            except Exception:  # noqa: BLE001 - one bad utterance must not end the session's STT
+                log.error("stt.failed", session=self.session.id, exc_info=True)
+                self.error(ServerError("speech could not be transcribed", request_id=None))
+                continue
+            stt_ms = (time.monotonic() - t0) * 1000
+            self.metrics.turn_seconds.labels("stt").observe(stt_ms / 1000)
+            text = result.text.strip()
+            log.info("stt.final", session=self.session.id, call_id=self.session.call_id, chars=len(text),
+                     audio_s=round(result.audio_s, 2), stt_ms=round(stt_ms, 1), reason=ev.reason)
+            if mode == "stt" or text:
+                self.out.send_data(P.stt_result(text, call_id=self.session.call_id, mode=mode, is_final=True,
+                                                confidence=result.confidence, request_id=rid))
+            if text and mode in ("full", "llm"):
+                self.start_turn(text, kind="voice", request_id=rid, speak=(mode == "full"), stream_tokens=False,
+                                timings={"utterance_end": ended_at, "stt_ms": stt_ms})
+
+    # ------------------------------------------------------------------ turns
+
+    def start_turn(
+        self,
+        text: str,
+        *,
+        kind: str,
+        request_id: P.RequestId,
+        speak: bool,
+        stream_tokens: bool,
+        context: tuple[tuple[str, str], ...] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> Turn:
+        """Start an answer; a new voice turn cancels the voice turn still in flight (the caller spoke again)."""
+        if kind == "voice" and self.voice_turn is not None and not self.voice_turn.cancelled:
+            self.voice_turn.cancel()
+        turn = Turn(id=next(_turn_ids), kind=kind, request_id=request_id, timings=dict(timings or {}))
+        turn.timings.setdefault("start", time.monotonic())
+        turn.task = self._spawn(self._run_turn(turn, text, speak, stream_tokens, context))
+        self.turns.add(turn)
+        turn.task.add_done_callback(lambda _t: self.turns.discard(turn))
+        if kind == "voice":
+            self.voice_turn = turn
+        return turn
+
+    async def _run_turn(self, turn: Turn, text: str, speak: bool, stream_tokens: bool,
+                        context: tuple[tuple[str, str], ...] | None) -> None:
+        s = self.session
+        call_id = s.call_id
+        messages = s.messages_for(text, self.cfg.llm.system_prompt, context)
+        enc, rate, _fb = s.output_format()
+        try:
+            job = self.engines.pool.submit(messages, self.engines.sampling())
+        except ServerError as err:
+            err.request_id = None if turn.request_id is None else str(turn.request_id)
+            self.error(err)
+            return
+        sentences: asyncio.Queue[tuple[str, bool] | None] = asyncio.Queue()
+        speaker = self._spawn(self._speak(turn, sentences, enc, rate)) if speak else None
+        splitter = SentenceSplitter(first_clause_chars=40)
+        parts: list[str] = []
+        try:
+            async with contextlib.aclosing(job.stream()) as stream:
+                async for delta in stream:
+                    if "llm_first_token" not in turn.timings:
+                        turn.timings["llm_first_token"] = time.monotonic()
+                    parts.append(delta)
+                    if stream_tokens:
+                        self.out.send_data(P.llm_token(delta, call_id=call_id, request_id=turn.request_id), turn)
+                    if speaker is not None:
+                        for sentence in splitter.push(delta):
+                            sentences.put_nowait((sentence, False))
+            if speaker is not None:
+                rest = splitter.flush()
+                for i, sentence in enumerate(rest):
+                    sentences.put_nowait((sentence, i == len(rest) - 1))
+                sentences.put_nowait(None)
+                await speaker
+            answer = "".join(parts).strip()
+            self.out.send_data(P.llm_response(answer, call_id=call_id, request_id=turn.request_id), turn)
+            if context is None:
+                s.add_turn(text, answer)
+            self._log_turn(turn, job.stats, len(answer))
+        except asyncio.CancelledError:
+            job.cancel()
+            if speaker is not None:
+                speaker.cancel()
+            if context is None and parts:
+                # The caller heard (part of) this answer: keep it so the conversation stays coherent.
+                s.add_turn(text, "".join(parts).strip())
+            raise
+        except ServerError as err:
+            if speaker is not None:
+                speaker.cancel()
+            if err.code == "cancelled":
+                return
+            err.request_id = None if turn.request_id is None else str(turn.request_id)
+            self.error(err)
+
+    async def _speak(self, turn: Turn, sentences: asyncio.Queue[tuple[str, bool] | None], enc: str,
+                     rate: int) -> None:
+        """Synthesize sentences as they arrive and send each as the next audio chunk."""
+        utterance_id = uuid.uuid4().hex[:16]
+        index = 0
+        while True:
+            item = await sentences.get()
+            if item is None:
+                if index > 0 and not turn.timings.get("final_sent"):
+                    # The last sentence had nothing speakable: close the utterance with a short silence.
+                    payload = encode_output(np.zeros(320, dtype=np.float32), 16000, enc, rate)
+                    self._send_chunk(turn, utterance_id, index, True, payload, enc, rate)
+                return
+            sentence, is_last = item
+            speech = clean_for_speech(sentence)
+            if not speech:
+                continue
+            try:
+                payload = await self._synthesize(speech, enc, rate)
+            except ServerError as err:
+                err.request_id = None if turn.request_id is None else str(turn.request_id)
+                self.error(err)
+                return
+            if not payload:
+                continue
+            self._send_chunk(turn, utterance_id, index, is_last, payload, enc, rate)
+            index += 1
+
+    def _send_chunk(self, turn: Turn, utterance_id: str, index: int, is_final: bool, payload: bytes, enc: str,
+                    rate: int) -> None:
+        if turn.cancelled:
+            return
+        if "first_audio" not in turn.timings:
+            turn.timings["first_audio"] = time.monotonic()
+        if is_final:
+            turn.timings["final_sent"] = 1.0
+        header = P.tts_audio(call_id=self.session.call_id, mode="full", encoding=enc, sample_rate_hz=rate,
+                             byte_length=len(payload), utterance_id=utterance_id, chunk_index=index,
+                             is_final=is_final, request_id=turn.request_id)
+        self.out.send_audio(header, payload, turn)
+
+    async def _synthesize(self, text: str, enc: str, rate: int) -> bytes:
+        audio, sr = await self.engines.synthesize(text)
+        if audio.size == 0:
+            return b""
+        # Resampling a sentence takes a few ms: not on the loop.
+        return await self.engines.run_aux(encode_output, audio, sr, enc, rate)
+
+    def _log_turn(self, turn: Turn, stats: dict[str, Any], chars: int) -> None:
+        t = turn.timings
+        base = t.get("utterance_end", t["start"])
+        done = time.monotonic()
+
+        def ms(key: str) -> float | None:
+            return round((t[key] - base) * 1000, 1) if key in t else None
+
+        first_token, first_audio = ms("llm_first_token"), ms("first_audio")
+        total = round((done - base) * 1000, 1)
+        if first_token is not None:
+            self.metrics.turn_seconds.labels("llm_first_token").observe(first_token / 1000)
+        if first_audio is not None:
+            self.metrics.turn_seconds.labels("first_audio").observe(first_audio / 1000)
+        self.metrics.turn_seconds.labels("total").observe(total / 1000)
+        log.info("turn.done", session=self.session.id, call_id=self.session.call_id, kind=turn.kind,
+                 stt_ms=round(t["stt_ms"], 1) if "stt_ms" in t else None, llm_first_token_ms=first_token,
+                 first_audio_ms=first_audio, total_ms=total, tokens=stats.get("tokens"),
+                 decode_tok_s=stats.get("decode_tok_s"), chars=chars)
+
+    # ------------------------------------------------------------------ tts requests
+
+    async def tts_request(self, req: P.TtsRequest) -> None:
+        """Synthesize a whole text and answer with one tts_response."""
+        enc, rate, _fb = self.session.output_format(req.output_encoding, req.output_sample_rate_hz)
+        try:
+            speech = clean_for_speech(req.text) or req.text
+            payload = await self._synthesize(speech, enc, rate) if speech.strip() else b""
+        except ServerError as err:
+            err.request_id = None if req.request_id is None else str(req.request_id)
+            self.error(err)
+            return
+        self.out.send_data(P.tts_response(req.text, payload, call_id=self.session.call_id, encoding=enc,
+                                          sample_rate_hz=rate, request_id=req.request_id))
+
+    # ------------------------------------------------------------------ cancellation
+
+    def cancel_all(self) -> int:
+        """Cancel every turn in flight (barge-in); returns how many were cancelled."""
+        n = 0
+        for turn in list(self.turns):
+            if not turn.cancelled:
+                turn.cancel()
+                n += 1
+        self.session.cancel_generation()
+        return n
+
+    def stop_speech(self) -> None:
+        """Forget buffered audio and the utterance in progress (stop_session, new call)."""
+        while not self._audio_q.empty():
+            self._audio_q.get_nowait()
+        if self._segmenter is not None:
+            self._segmenter.reset()
+        self._utterance_no += 1
+        self._audio_since_final = False
+
+    async def close(self) -> None:
+        """The connection closed: cancel everything this session had in flight."""
+        self.cancel_all()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,615 @@
+"""Sans-I/O wire protocol: parse client messages into dataclasses, build server messages as dicts."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Union
+
+from .errors import InvalidField, InvalidJson, PayloadTooLarge, ServerError, UnknownType
+
+MODES = ("full", "stt", "llm", "tts")
+STT_BACKEND = "faster_whisper"
+TTS_BACKEND = "piper"
+
+RequestId = Union[str, int, None]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits the parser enforces on fields."""
+
+    max_text_chars: int = 4000
+
+
+@dataclass(frozen=True)
+class Auth:
+    """`auth`: the first message when a token is configured."""
+
+    token: str
+    call_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SetMode:
+    """`set_mode`: session defaults."""
+
+    mode: str
+    call_id: str | None = None
+    segment_energy_threshold: int | None = None
+    segment_silence_ms: int | None = None
+    output_encoding: str | None = None
+    output_sample_rate_hz: int | None = None
+    request_id: RequestId = None
+
+
+@dataclass(frozen=True)
+class Audio:
+    """`audio` (JSON with base64 data) or a binary frame (data_b64 None, raw set)."""
+
+    data_b64: str | None
+    raw: bytes | None = None
+    rate: int | None = None
+    format: str | None = None
+    mode: str | None = None
+    call_id: str | None = None
+    request_id: RequestId = None
+    output_encoding: str | None = None
+    output_sample_rate_hz: int | None = None
+
+    def payload(self) -> bytes:
+        """The audio bytes (decodes base64; call off the loop for large payloads)."""
+        if self.raw is not None:
+            return self.raw
+        try:
+            return base64.b64decode(self.data_b64 or "", validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidField("audio.data is not valid base64", request_id=_rid(self.request_id)) from None
+
+
+@dataclass(frozen=True)
+class LlmRequest:
+    """`llm_request`: text in, `llm_response` (and optionally `llm_token`s) out."""
+
+    text: str
+    call_id: str | None = None
+    request_id: RequestId = None
+    mode: str | None = None
+    context: tuple[tuple[str, str], ...] | None = None
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class TtsRequest:
+    """`tts_request`: text in, `tts_response` with base64 audio out."""
+
+    text: str
+    call_id: str | None = None
+    request_id: RequestId = None
+    mode: str | None = None
+    output_encoding: str | None = None
+    output_sample_rate_hz: int | None = None
+
+
+@dataclass(frozen=True)
+class SwitchModel:
+    """`switch_model`: session scope sets the system prompt; global scope swaps model files."""
+
+    scope: str | None
+    call_id: str | None = None
+    request_id: RequestId = None
+    system_prompt: str | None = None
+    llm_model_path: str | None = None
+    stt_model_path: str | None = None
+    tts_model_path: str | None = None
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Reload:
+    """`reload_models` (what="all") or `reload_llm` (what="llm")."""
+
+    what: str
+    model_path: str | None = None
+    request_id: RequestId = None
+    call_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Status:
+    """`status`: health and model state."""
+
+    request_id: RequestId = None
+    call_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """`capabilities`: which backends are installed."""
+
+    request_id: RequestId = None
+    call_id: str | None = None
+
+
+@dataclass(frozen=True)
+class BargeIn:
+    """`barge_in`: cancel the answer in flight."""
+
+    call_id: str | None = None
+    request_id: RequestId = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """`tool_context`: stored on the session, no reply."""
+
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    call_id: str | None = None
+
+
+Message = Union[
+    Auth, SetMode, Audio, LlmRequest, TtsRequest, SwitchModel, Reload, Status, Capabilities, BargeIn, ToolContext
+]
+
+
+def normalize_type(value: Any) -> str:
+    """Lower-case, trim and map `-` to `_`, as the protocol prescribes."""
+    return str(value).strip().lower().replace("-", "_")
+
+
+def _rid(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+class _Fields:
+    """Typed accessors over one message's JSON object; errors carry the request id."""
+
+    def __init__(self, obj: Mapping[str, Any], mtype: str) -> None:
+        self.obj = obj
+        self.mtype = mtype
+        raw_rid = obj.get("request_id")
+        self.request_id: RequestId = raw_rid if isinstance(raw_rid, (str, int)) and not isinstance(
+            raw_rid, bool
+        ) else None
+        if raw_rid is not None and self.request_id is None:
+            raise InvalidField(f"{mtype}.request_id must be a string or integer")
+        self.call_id = self.opt_str("call_id", max_len=256)
+
+    def fail(self, msg: str) -> InvalidField:
+        return InvalidField(f"{self.mtype}.{msg}", request_id=_rid(self.request_id), call_id=self.call_id
+                            if hasattr(self, "call_id") else None)
+
+    def opt_str(self, key: str, max_len: int | None = None) -> str | None:
+        value = self.obj.get(key)
+        if value is None:
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key == "call_id":
+            value = str(value)  # some engines send numeric call ids
+        if not isinstance(value, str):
+            raise self.fail(f"{key} must be a string")
+        if max_len is not None and len(value) > max_len:
+            raise PayloadTooLarge(
+                f"{self.mtype}.{key} is longer than {max_len} characters", request_id=_rid(self.request_id)
+            )
+        return value
+
+    def req_str(self, key: str, max_len: int | None = None, *aliases: str) -> str:
+        for name in (key, *aliases):
+            value = self.opt_str(name, max_len)
+            if value is not None:
+                return value
+        raise self.fail(f"{key} is required")
+
+    def opt_int(self, key: str, lo: int, hi: int, *aliases: str) -> int | None:
+        for name in (key, *aliases):
+            value = self.obj.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                raise self.fail(f"{name} must be an integer")
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                value = int(value.strip())
+            if not isinstance(value, int):
+                raise self.fail(f"{name} must be an integer")
+            if not lo <= value <= hi:
+                raise self.fail(f"{name} must be between {lo} and {hi}")
+            return value
+        return None
+
+    def opt_bool(self, key: str, default: bool = False) -> bool:
+        value = self.obj.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int,)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise self.fail(f"{key} must be a boolean")
+
+    def opt_mode(self, key: str = "mode") -> str | None:
+        value = self.opt_str(key, 32)
+        if value is None:
+            return None
+        mode = value.strip().lower()
+        if mode not in MODES:
+            raise self.fail(f"{key} must be one of {', '.join(MODES)}")
+        return mode
+
+    def opt_encoding(self, *keys: str) -> str | None:
+        for key in keys:
+            value = self.opt_str(key, 32)
+            if value is not None:
+                return value
+        return None
+
+
+def _parse_auth(f: _Fields, limits: Limits) -> Auth:
+    token = f.opt_str("auth_token", 4096)
+    if token is None:
+        token = f.opt_str("token", 4096)
+    if token is None:
+        raise f.fail("auth_token is required")
+    return Auth(token=token, call_id=f.call_id)
+
+
+def _parse_set_mode(f: _Fields, limits: Limits) -> SetMode:
+    mode = f.opt_mode()
+    return SetMode(
+        mode=mode or "full",
+        call_id=f.call_id,
+        segment_energy_threshold=f.opt_int("segment_energy_threshold", 0, 32767),
+        segment_silence_ms=f.opt_int("segment_silence_ms", 50, 10000),
+        output_encoding=f.opt_encoding("output_encoding", "encoding"),
+        output_sample_rate_hz=f.opt_int("output_sample_rate_hz", 1, 384000, "sample_rate_hz"),
+        request_id=f.request_id,
+    )
+
+
+def _parse_audio(f: _Fields, limits: Limits) -> Audio:
+    data = f.obj.get("data")
+    if data is None:
+        data = f.obj.get("audio")
+    if not isinstance(data, str):
+        raise f.fail("data must be a base64 string")
+    return Audio(
+        data_b64=data,
+        rate=f.opt_int("rate", 1, 384000, "sample_rate", "sample_rate_hz"),
+        format=f.opt_str("format", 32) or f.opt_str("encoding", 32),
+        mode=f.opt_mode(),
+        call_id=f.call_id,
+        request_id=f.request_id,
+        output_encoding=f.opt_encoding("output_encoding"),
+        output_sample_rate_hz=f.opt_int("output_sample_rate_hz", 1, 384000),
+    )
+
+
+def _parse_context(f: _Fields) -> tuple[tuple[str, str], ...] | None:
+    ctx = f.obj.get("context")
+    if ctx is None:
+        return None
+    if not isinstance(ctx, list):
+        raise f.fail("context must be a list of {role, content} objects")
+    out: list[tuple[str, str]] = []
+    for item in ctx[:200]:
+        if not isinstance(item, dict):
+            raise f.fail("context items must be objects")
+        role, content = item.get("role"), item.get("content")
+        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+            raise f.fail("context items need role system|user|assistant and a string content")
+        out.append((role, content))
+    return tuple(out)
+
+
+def _parse_llm(f: _Fields, limits: Limits) -> LlmRequest:
+    text = f.req_str("text", limits.max_text_chars)
+    return LlmRequest(
+        text=text,
+        call_id=f.call_id,
+        request_id=f.request_id,
+        mode=f.opt_mode(),
+        context=_parse_context(f),
+        stream=f.opt_bool("stream"),
+    )
+
+
+def _parse_tts(f: _Fields, limits: Limits) -> TtsRequest:
+    text = f.req_str("text", limits.max_text_chars)
+    return TtsRequest(
+        text=text,
+        call_id=f.call_id,
+        request_id=f.request_id,
+        mode=f.opt_mode(),
+        output_encoding=f.opt_encoding("output_encoding", "encoding"),
+        output_sample_rate_hz=f.opt_int("output_sample_rate_hz", 1, 384000, "sample_rate_hz"),
+    )
+
+
+def _nested(f: _Fields, key: str) -> Mapping[str, Any]:
+    value = f.obj.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise f.fail(f"{key} must be an object")
+    return value
+
+
+def _parse_switch(f: _Fields, limits: Limits) -> SwitchModel:
+    scope = f.opt_str("scope", 32)
+    if scope is not None:
+        scope = scope.strip().lower()
+        if scope not in ("session", "global"):
+            raise f.fail("scope must be 'session' or omitted")
+        if scope == "global":
+            scope = None
+    llm_cfg, stt_cfg, tts_cfg = _nested(f, "llm_config"), _nested(f, "stt_config"), _nested(f, "tts_config")
+
+    def path_of(top: str, nested: Mapping[str, Any]) -> str | None:
+        value = f.obj.get(top)
+        if value is None:
+            value = nested.get("model_path")
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip() or len(value) > 4096:
+            raise f.fail(f"{top} must be a non-empty string")
+        return value
+
+    prompt = llm_cfg.get("system_prompt")
+    if prompt is None:
+        prompt = f.obj.get("system_prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise f.fail("llm_config.system_prompt must be a string")
+    if prompt is not None and len(prompt) > limits.max_text_chars:
+        raise PayloadTooLarge("switch_model.system_prompt is too long", request_id=_rid(f.request_id))
+    return SwitchModel(
+        scope=scope,
+        call_id=f.call_id,
+        request_id=f.request_id,
+        system_prompt=prompt,
+        llm_model_path=path_of("llm_model_path", llm_cfg),
+        stt_model_path=path_of("stt_model_path", stt_cfg),
+        tts_model_path=path_of("tts_model_path", tts_cfg),
+        dry_run=f.opt_bool("dry_run"),
+    )
+
+
+def _parse_reload_all(f: _Fields, limits: Limits) -> Reload:
+    return Reload(what="all", request_id=f.request_id, call_id=f.call_id)
+
+
+def _parse_reload_llm(f: _Fields, limits: Limits) -> Reload:
+    path = f.opt_str("model_path", 4096) or f.opt_str("llm_model_path", 4096)
+    return Reload(what="llm", model_path=path, request_id=f.request_id, call_id=f.call_id)
+
+
+def _parse_barge_in(f: _Fields, limits: Limits) -> BargeIn:
+    return BargeIn(call_id=f.call_id, request_id=f.request_id, reason=f.opt_str("reason", 64))
+
+
+def _parse_tool_context(f: _Fields, limits: Limits) -> ToolContext:
+    return ToolContext(payload=dict(f.obj), call_id=f.call_id)
+
+
+_PARSERS: dict[str, Callable[[_Fields, Limits], Message]] = {
+    "auth": _parse_auth,
+    "set_mode": _parse_set_mode,
+    "audio": _parse_audio,
+    "llm_request": _parse_llm,
+    "tts_request": _parse_tts,
+    "switch_model": _parse_switch,
+    "reload_models": _parse_reload_all,
+    "reload_llm": _parse_reload_llm,
+    "status": lambda f, _l: Status(request_id=f.request_id, call_id=f.call_id),
+    "capabilities": lambda f, _l: Capabilities(request_id=f.request_id, call_id=f.call_id),
+    "barge_in": _parse_barge_in,
+    "tool_context": _parse_tool_context,
+}
+
+MESSAGE_TYPES: tuple[str, ...] = tuple(_PARSERS)
+
+
+def decode_json(text: str) -> dict[str, Any]:
+    """Decode one text frame into a JSON object, or raise InvalidJson."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        raise InvalidJson("message is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise InvalidJson("message must be a JSON object")
+    return obj
+
+
+def parse_object(obj: Mapping[str, Any], limits: Limits = Limits()) -> Message:
+    """Turn a decoded JSON object into a typed message; raises a ProtocolError subclass."""
+    raw_type = obj.get("type")
+    if raw_type is None or not isinstance(raw_type, str):
+        rid = obj.get("request_id")
+        raise InvalidField("type is required and must be a string", request_id=_rid(rid)
+                           if isinstance(rid, (str, int)) else None)
+    mtype = normalize_type(raw_type)
+    parser = _PARSERS.get(mtype)
+    if parser is None:
+        rid = obj.get("request_id")
+        raise UnknownType(f"unknown message type {mtype[:64]!r}",
+                          request_id=_rid(rid) if isinstance(rid, (str, int)) else None)
+    return parser(_Fields(obj, mtype), limits)
+
+
+def parse_text(text: str, limits: Limits = Limits()) -> Message:
+    """Parse one text frame (JSON) into a typed message."""
+    return parse_object(decode_json(text), limits)
+
+
+# ---------------------------------------------------------------- server messages
+
+
+def _with_ids(msg: dict[str, Any], request_id: RequestId, call_id: str | None = None) -> dict[str, Any]:
+    if request_id is not None:
+        msg["request_id"] = request_id
+    return msg
+
+
+def error_message(err: ServerError) -> dict[str, Any]:
+    """The `error` envelope (ext) for a ServerError; never includes tracebacks or paths."""
+    msg: dict[str, Any] = {"type": "error", "code": err.code, "message": err.message}
+    if err.request_id is not None:
+        msg["request_id"] = err.request_id
+    if err.call_id is not None:
+        msg["call_id"] = err.call_id
+    return msg
+
+
+def auth_response(ok: bool, message: str | None = None) -> dict[str, Any]:
+    """`auth_response` with status ok/error."""
+    msg: dict[str, Any] = {"type": "auth_response", "status": "ok" if ok else "error"}
+    if message:
+        msg["message"] = message
+    return msg
+
+
+def stt_result(
+    text: str,
+    *,
+    call_id: str,
+    mode: str,
+    is_final: bool,
+    confidence: float | None = None,
+    request_id: RequestId = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """`stt_result` (partial or final)."""
+    msg: dict[str, Any] = {
+        "type": "stt_result",
+        "text": text,
+        "call_id": call_id,
+        "mode": mode,
+        "is_final": is_final,
+        "is_partial": not is_final,
+        "stt_backend": STT_BACKEND,
+    }
+    if confidence is not None:
+        msg["confidence"] = round(float(confidence), 4)
+    if error:
+        msg["error"] = error
+    return _with_ids(msg, request_id)
+
+
+def llm_response(text: str, *, call_id: str, request_id: RequestId = None) -> dict[str, Any]:
+    """`llm_response` with the whole answer."""
+    return _with_ids({"type": "llm_response", "text": text, "call_id": call_id, "mode": "llm"}, request_id)
+
+
+def llm_token(delta: str, *, call_id: str, request_id: RequestId) -> dict[str, Any]:
+    """`llm_token` (ext): one streamed piece of the answer."""
+    return {"type": "llm_token", "call_id": call_id, "request_id": request_id, "delta": delta}
+
+
+def tts_audio(
+    *,
+    call_id: str,
+    mode: str,
+    encoding: str,
+    sample_rate_hz: int,
+    byte_length: int,
+    utterance_id: str,
+    chunk_index: int,
+    is_final: bool,
+    request_id: RequestId = None,
+) -> dict[str, Any]:
+    """The `tts_audio` header that precedes every binary frame."""
+    msg: dict[str, Any] = {
+        "type": "tts_audio",
+        "call_id": call_id,
+        "mode": mode,
+        "encoding": encoding,
+        "sample_rate_hz": sample_rate_hz,
+        "byte_length": byte_length,
+        "utterance_id": utterance_id,
+        "chunk_index": chunk_index,
+        "is_final": is_final,
+    }
+    return _with_ids(msg, request_id)
+
+
+def tts_response(
+    text: str, audio: bytes, *, call_id: str, encoding: str, sample_rate_hz: int, request_id: RequestId = None
+) -> dict[str, Any]:
+    """`tts_response` with base64 audio; `text` echoed exactly."""
+    return _with_ids(
+        {
+            "type": "tts_response",
+            "text": text,
+            "call_id": call_id,
+            "audio_data": base64.b64encode(audio).decode("ascii"),
+            "encoding": encoding,
+            "sample_rate_hz": sample_rate_hz,
+            "byte_length": len(audio),
+        },
+        request_id,
+    )
+
+
+def mode_ready(
+    *,
+    mode: str,
+    call_id: str,
+    segment_energy_threshold: int | None,
+    segment_silence_ms: int | None,
+    output_encoding: str | None,
+    output_sample_rate_hz: int | None,
+    request_id: RequestId = None,
+) -> dict[str, Any]:
+    """`mode_ready` echoing the effective session settings."""
+    return _with_ids(
+        {
+            "type": "mode_ready",
+            "mode": mode,
+            "call_id": call_id,
+            "segment_energy_threshold": segment_energy_threshold,
+            "segment_silence_ms": segment_silence_ms,
+            "output_encoding": output_encoding,
+            "output_sample_rate_hz": output_sample_rate_hz,
+        },
+        request_id,
+    )
+
+
+def barge_in_ack(*, call_id: str, request_id: RequestId) -> dict[str, Any]:
+    """`barge_in_ack`."""
+    return {"type": "barge_in_ack", "status": "ok", "call_id": call_id, "request_id": request_id}
+
+
+def switch_response(
+    status: str,
+    message: str,
+    *,
+    changed: list[str],
+    request_id: RequestId = None,
+    call_id: str | None = None,
+    scope: str | None = None,
+) -> dict[str, Any]:
+    """`switch_response` for session or global scope."""
+    msg: dict[str, Any] = {"type": "switch_response", "status": status, "message": message, "changed": changed}
+    if scope is not None:
+        msg["scope"] = scope
+    if call_id is not None:
+        msg["call_id"] = call_id
+    if request_id is not None or scope == "session":
+        msg["request_id"] = request_id
+    return msg
+
+
+def reload_response(status: str, message: str, *, request_id: RequestId = None) -> dict[str, Any]:
+    """`reload_response`."""
+    return _with_ids({"type": "reload_response", "status": status, "message": message}, request_id)
+
+
+def dumps(msg: Mapping[str, Any]) -> str:
+    """Serialise a server message compactly."""
+    return json.dumps(msg, separators=(",", ":"), ensure_ascii=False)

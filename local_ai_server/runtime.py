@@ -1,0 +1,280 @@
+"""The loaded engines (STT, VAD, TTS, LLM pool), their executors, loading, switching and state."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+import structlog
+
+from .config import ServerConfig
+from .engines.llm import LlmParams, SamplingParams
+from .engines.stt import Transcript, WhisperStt
+from .engines.tts import PiperTts
+from .errors import InvalidField, ModelLoadError, NotReady
+from .llm_pool import LlmPool
+from .metrics import Metrics
+from .vad import SileroVad
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+FETCH_HINT = "run: .venv/bin/python model_setup.py download"
+
+
+@dataclass
+class EngineState:
+    """Load state of one stage, for status and /ready."""
+
+    state: str = "missing"  # missing | loading | ready | failed
+    error: str | None = None
+    path: Path | None = None
+    loaded_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _short(exc: BaseException) -> str:
+    """An exception as a short message without file paths (it may reach clients)."""
+    if isinstance(exc, FileNotFoundError):
+        return "model file not found"
+    text = str(exc).split("\n", 1)[0]
+    return type(exc).__name__ if ("/" in text or not text) else f"{type(exc).__name__}: {text[:160]}"
+
+
+class Engines:
+    """Owns every model and the threads they run on; the event loop only awaits them."""
+
+    def __init__(self, cfg: ServerConfig, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.stt: WhisperStt | None = None
+        self.tts: PiperTts | None = None
+        self.vad: SileroVad | None = None
+        self.stt_state = EngineState(path=cfg.stt.model_path)
+        self.tts_state = EngineState(path=cfg.tts.model_path)
+        self.vad_state = EngineState()
+        self.stt_exec = concurrent.futures.ThreadPoolExecutor(cfg.stt.concurrency, thread_name_prefix="stt")
+        self.tts_exec = concurrent.futures.ThreadPoolExecutor(cfg.tts.concurrency, thread_name_prefix="tts")
+        # Model loading, hashing, big base64/JSON decoding: never on the loop, never behind a transcription.
+        self.aux_exec = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="aux")
+        self.pool = self._make_pool(cfg.llm.model_path)
+        self.warming = True
+        self.started_at = time.time()
+
+    def _make_pool(self, path: Path | None) -> LlmPool:
+        c = self.cfg.llm
+        return LlmPool(
+            path,
+            LlmParams(context=c.context, threads=c.threads, batch=c.batch, gpu_layers=c.gpu_layers),
+            workers=c.workers,
+            max_queue=c.max_queue,
+            infer_timeout_s=c.infer_timeout_s,
+            on_event=self.metrics.on_pool_event,
+        )
+
+    # ------------------------------------------------------------------ loading
+
+    async def start(self) -> None:
+        """Load every configured model concurrently, off the loop; failures are recorded, not raised."""
+        await asyncio.gather(
+            self._load_stt(self.cfg.stt.model_path),
+            self._load_tts(self.cfg.tts.model_path),
+            self._load_vad(),
+            self.pool.start(),
+        )
+        self.warming = False
+        log.info("models.loaded", stt=self.stt_state.state, tts=self.tts_state.state, llm=self.pool.state,
+                 vad=self.vad_state.state)
+
+    async def run_aux(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking work on the auxiliary threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.aux_exec, fn, *args)
+
+    async def _load_vad(self) -> None:
+        self.vad_state.state = "loading"
+        try:
+            self.vad = await self.run_aux(SileroVad)
+            self.vad_state.state = "ready"
+        except Exception as exc:  # noqa: BLE001 - recorded for status
+            self.vad_state.state, self.vad_state.error = "failed", _short(exc)
+            log.error("vad.load_failed", error=self.vad_state.error)
+
+    async def _load_stt(self, path: Path | None) -> None:
+        if path is None:
+            self.stt_state = EngineState(state="missing", error="no STT model installed")
+            return
+        self.stt_state.state = "loading"
+        c = self.cfg.stt
+
+        def load() -> WhisperStt:
+            engine = WhisperStt(path, threads=c.threads, compute_type=c.compute_type, language=c.language,
+                                beam_size=c.beam_size)
+            engine.warm_up()
+            return engine
+
+        try:
+            self.stt = await self.run_aux(load)
+            self.stt_state = EngineState(state="ready", path=path, loaded_at=time.time())
+        except Exception as exc:  # noqa: BLE001
+            self.stt_state = EngineState(state="failed", path=path, error=f"STT model could not be loaded "
+                                                                          f"({_short(exc)})")
+            log.error("stt.load_failed", error=self.stt_state.error)
+
+    async def _load_tts(self, path: Path | None) -> None:
+        if path is None:
+            self.tts_state = EngineState(state="missing", error="no TTS voice installed")
+            return
+        self.tts_state.state = "loading"
+
+        def load() -> PiperTts:
+            engine = PiperTts(path, threads=self.cfg.tts.threads)
+            engine.warm_up()
+            return engine
+
+        try:
+            self.tts = await self.run_aux(load)
+            self.tts_state = EngineState(state="ready", path=path, loaded_at=time.time(),
+                                         extra={"sample_rate_hz": self.tts.sample_rate})
+        except Exception as exc:  # noqa: BLE001
+            self.tts_state = EngineState(state="failed", path=path, error=f"TTS voice could not be loaded "
+                                                                          f"({_short(exc)})")
+            log.error("tts.load_failed", error=self.tts_state.error)
+
+    # ------------------------------------------------------------------ switching
+
+    def resolve_model_path(self, raw: str) -> Path:
+        """A client-supplied model path, confined to the models directory unless the operator allows any."""
+        p = Path(raw).expanduser()
+        if not p.is_absolute():
+            p = self.cfg.models_dir / p
+        p = p.resolve()
+        if not self.cfg.allow_any_model_path:
+            root = self.cfg.models_dir.resolve()
+            if p != root and root not in p.parents:
+                raise InvalidField("model path must be inside the models directory")
+        return p
+
+    async def switch_stt(self, path: Path) -> None:
+        """Load a new STT model; the old one keeps serving until the new one is ready."""
+        c = self.cfg.stt
+        try:
+            engine = await self.run_aux(lambda: WhisperStt(path, threads=c.threads, compute_type=c.compute_type,
+                                                           language=c.language, beam_size=c.beam_size))
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"STT model could not be loaded ({_short(exc)})") from None
+        self.stt = engine
+        self.stt_state = EngineState(state="ready", path=path, loaded_at=time.time())
+
+    async def switch_tts(self, path: Path) -> None:
+        """Load a new TTS voice; the old one keeps serving until the new one is ready."""
+        try:
+            engine = await self.run_aux(lambda: PiperTts(path, threads=self.cfg.tts.threads))
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"TTS voice could not be loaded ({_short(exc)})") from None
+        self.tts = engine
+        self.tts_state = EngineState(state="ready", path=path, loaded_at=time.time(),
+                                     extra={"sample_rate_hz": engine.sample_rate})
+
+    async def switch_llm(self, path: Path) -> None:
+        """Load a new LLM into fresh workers; the old workers finish what they hold."""
+        if self.pool.state in ("empty", "failed") and not self.pool._workers:
+            # Nothing serving: build a new pool so its state reflects the new model.
+            pool = self._make_pool(path)
+            await pool.start()
+            if pool.state != "ready":
+                raise ModelLoadError(pool.error or "LLM model could not be loaded")
+            self.pool = pool
+            return
+        await self.pool.load(path)
+
+    # ------------------------------------------------------------------ work
+
+    async def transcribe(self, audio: np.ndarray, kind: str = "final") -> Transcript:
+        """Transcribe on the STT threads; raises NotReady when no STT model is loaded."""
+        stt = self.stt
+        if stt is None:
+            raise NotReady(self.stt_state.error or "STT is not ready")
+        t0 = time.perf_counter()
+        result = await asyncio.get_running_loop().run_in_executor(self.stt_exec, stt.transcribe, audio)
+        self.metrics.stt_seconds.labels(kind).observe(time.perf_counter() - t0)
+        return result
+
+    async def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        """Synthesize on the TTS threads: (float32 audio, sample rate)."""
+        tts = self.tts
+        if tts is None:
+            raise NotReady(self.tts_state.error or "TTS is not ready")
+        t0 = time.perf_counter()
+        audio = await asyncio.get_running_loop().run_in_executor(self.tts_exec, tts.synthesize_all, text)
+        self.metrics.tts_seconds.observe(time.perf_counter() - t0)
+        return audio, tts.sample_rate
+
+    def sampling(self) -> SamplingParams:
+        """Sampling parameters from the config."""
+        c = self.cfg.llm
+        return SamplingParams(max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p,
+                              repeat_penalty=c.repeat_penalty)
+
+    # ------------------------------------------------------------------ state
+
+    def missing(self, modes: tuple[str, ...] = ("stt", "llm", "tts")) -> list[str]:
+        """Stages the pipeline needs that are not ready, as human-readable reasons."""
+        out: list[str] = []
+        if "stt" in modes:
+            if self.stt_state.state != "ready":
+                out.append(f"stt: {self.stt_state.error or self.stt_state.state}")
+            if self.vad_state.state != "ready":
+                out.append(f"vad: {self.vad_state.error or self.vad_state.state}")
+        if "llm" in modes and self.pool.state != "ready":
+            out.append(f"llm: {self.pool.error or self.pool.state}")
+        if "tts" in modes and self.tts_state.state != "ready":
+            out.append(f"tts: {self.tts_state.error or self.tts_state.state}")
+        return out
+
+    def model_status(self) -> dict[str, Any]:
+        """The `models` object of status_response."""
+        c = self.cfg.llm
+        llm_path = self.pool.model_path
+        return {
+            "stt": {
+                "backend": "faster_whisper",
+                "loaded": self.stt is not None,
+                "path": str(self.stt_state.path) if self.stt_state.path else None,
+                "display": self.stt_state.path.name if self.stt_state.path else None,
+                "state": self.stt_state.state,
+            },
+            "llm": {
+                "loaded": self.pool.state == "ready",
+                "path": str(llm_path) if llm_path else None,
+                "display": llm_path.name if llm_path else None,
+                "state": self.pool.state,
+                "config": {
+                    "context": c.context,
+                    "threads": c.threads,
+                    "batch": c.batch,
+                    "max_tokens": c.max_tokens,
+                    "temperature": c.temperature,
+                    "top_p": c.top_p,
+                    "repeat_penalty": c.repeat_penalty,
+                    "gpu_layers": c.gpu_layers,
+                },
+            },
+            "tts": {
+                "backend": "piper",
+                "loaded": self.tts is not None,
+                "path": str(self.tts_state.path) if self.tts_state.path else None,
+                "display": self.tts_state.path.stem if self.tts_state.path else None,
+                "state": self.tts_state.state,
+            },
+        }
+
+    async def close(self) -> None:
+        """Stop the pool and the threads."""
+        await self.pool.close()
+        for ex in (self.stt_exec, self.tts_exec, self.aux_exec):
+            ex.shutdown(wait=False, cancel_futures=True)

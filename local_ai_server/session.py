@@ -1,0 +1,74 @@
+"""Per-connection state: call id, mode, history, prompt, audio formats, segmenter settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .audio import normalize_output_format
+
+DEFAULT_CALL_ID = "unknown"
+
+
+@dataclass
+class Session:
+    """What one WebSocket connection remembers between messages."""
+
+    id: int
+    call_id: str = DEFAULT_CALL_ID
+    mode: str = "full"
+    system_prompt: str | None = None
+    history: list[tuple[str, str]] = field(default_factory=list)
+    output_encoding: str | None = None
+    output_sample_rate_hz: int | None = None
+    segment_energy_threshold: int | None = None
+    segment_silence_ms: int | None = None
+    input_rate: int = 16000
+    input_format: str = "pcm16le"
+    authenticated: bool = False
+    auth_failures: int = 0
+    # Bumped whenever the answer in flight is cancelled: audio stamped with an older value is dropped.
+    generation: int = 0
+    tool_context: dict[str, Any] | None = None
+    max_history_turns: int = 8
+
+    def adopt_call_id(self, call_id: str | None) -> bool:
+        """Switch to `call_id` if it is new; a new call starts with an empty history."""
+        if not call_id or call_id == self.call_id:
+            return False
+        self.call_id = call_id
+        self.history.clear()
+        self.tool_context = None
+        return True
+
+    def output_format(self, encoding: str | None = None, rate: int | None = None) -> tuple[str, int, bool]:
+        """Effective output (encoding, rate, fell_back): request values first, then session defaults."""
+        if encoding is None and rate is None:
+            encoding, rate = self.output_encoding, self.output_sample_rate_hz
+        elif encoding is None:
+            encoding = self.output_encoding
+        return normalize_output_format(encoding, rate)
+
+    def messages_for(
+        self, user_text: str, default_prompt: str, context: tuple[tuple[str, str], ...] | None = None
+    ) -> list[tuple[str, str]]:
+        """The chat to send to the LLM: system prompt, history (or the request's context), the new text."""
+        prompt = self.system_prompt or default_prompt
+        convo = list(context) if context is not None else list(self.history)
+        if convo and convo[0][0] == "system":
+            return [*convo, ("user", user_text)]
+        return [("system", prompt), *convo, ("user", user_text)]
+
+    def add_turn(self, user_text: str, answer: str) -> None:
+        """Remember one exchange, keeping only the most recent turns."""
+        self.history.append(("user", user_text))
+        if answer:
+            self.history.append(("assistant", answer))
+        excess = len(self.history) - 2 * self.max_history_turns
+        if excess > 0:
+            del self.history[:excess]
+
+    def cancel_generation(self) -> int:
+        """Invalidate the answer in flight; returns the new generation number."""
+        self.generation += 1
+        return self.generation

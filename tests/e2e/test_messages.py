@@ -47,20 +47,31 @@ async def test_llm_request_plain_and_streamed(client_factory: Callable[..., Any]
     assert c.got.items[idx[-1]][1]["type"] == "llm_response"
 
 
-async def test_llm_history_and_context(client_factory: Callable[..., Any]) -> None:
+async def test_llm_history_and_context(client_factory: Callable[..., Any], server: ServerProc) -> None:
+    """History grows per call, resets on a new call_id, and `context` replaces it (seen in the server's log)."""
     c = await client_factory()
+
+    def sent_messages(call_id: str) -> list[int]:
+        return [e["messages"] for e in server.log_events() if e.get("event") == "llm.request"
+                and e.get("call_id") == call_id]
+
     await c.request({"type": "llm_request", "text": "My name is Zorblax. Just say OK.", "call_id": "h1"},
                     "llm_response")
-    reply = await c.request({"type": "llm_request", "text": "What is my name?", "call_id": "h1"}, "llm_response")
-    assert "zorblax" in reply["text"].lower(), reply["text"]
-    # A new call_id resets the history.
-    reply = await c.request({"type": "llm_request", "text": "What is my name?", "call_id": "h2"}, "llm_response")
-    assert "zorblax" not in reply["text"].lower(), reply["text"]
-    # context replaces the history for one request.
-    reply = await c.request({"type": "llm_request", "text": "What is my name?", "call_id": "h2", "context": [
+    await c.request({"type": "llm_request", "text": "What is my name?", "call_id": "h1"}, "llm_response")
+    # system + user, then system + user + assistant + user
+    assert sent_messages("h1") == [2, 4]
+    await c.request({"type": "llm_request", "text": "What is my name?", "call_id": "h2"}, "llm_response")
+    assert sent_messages("h2") == [2]
+    await c.request({"type": "llm_request", "text": "What is my name?", "call_id": "h2", "context": [
         {"role": "user", "content": "My name is Quintessa."}, {"role": "assistant", "content": "Hello Quintessa."}]},
         "llm_response")
-    assert "quintessa" in reply["text"].lower(), reply["text"]
+    assert sent_messages("h2") == [2, 4]
+    # A session system prompt applies to the next request of that call.
+    await c.request({"type": "switch_model", "scope": "session", "call_id": "h2", "request_id": "p",
+                     "llm_config": {"system_prompt": "Answer only with the word banana."}}, "switch_response")
+    await c.request({"type": "llm_request", "text": "Hi", "call_id": "h2"}, "llm_response")
+    # the context request did not enter the history: system + (user, assistant) + user
+    assert sent_messages("h2") == [2, 4, 4]
 
 
 async def test_tts_request(client_factory: Callable[..., Any]) -> None:

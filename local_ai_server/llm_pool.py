@@ -304,11 +304,12 @@ class LlmPool:
 
     def submit(self, messages: list[tuple[str, str]], sampling: SamplingParams) -> LlmJob:
         """Queue a generation; raises NotReady without a model, Busy when the queue is full."""
-        if self.state != "ready" or not any(w.ready for w in self._workers):
+        # A worker being replaced after a crash still counts: the job waits for it rather than failing.
+        if self.state != "ready" or not self._workers:
             raise NotReady(self.error or f"LLM is {self.state}")
-        waiting = len(self._queue)
-        idle = sum(1 for w in self._workers if w.ready and not w.retiring and w.job is None)
-        if waiting - idle >= self.max_queue:
+        if len(self._queue) >= self.max_queue and not any(
+            w.ready and not w.retiring and w.job is None for w in self._workers
+        ):
             self.counters["busy"] += 1
             raise Busy("the LLM queue is full; try again shortly")
         job = LlmJob(id=next(self._ids), messages=messages, sampling=sampling, pool=self)
@@ -430,6 +431,7 @@ class LlmPool:
             return
         if w in self._workers and (was_serving or w.killed_for_timeout):
             self.counters["worker_restarts"] += 1
+            self._on_event("worker_restart", {"worker": w.index})
             log.warning("llm.worker_died", worker=w.index, pid=w.pid, exitcode=getattr(w.proc, "exitcode", None))
             replacement = _Worker(index=w.index, model_path=w.model_path)
             self._workers[self._workers.index(w)] = replacement
@@ -445,6 +447,9 @@ class LlmPool:
             log.error("llm.respawn_failed", worker=w.index, error=error)
             if not any(x.ready for x in self._workers):
                 self.state, self.error = "failed", f"LLM worker could not be restarted ({error})"
+                for job in list(self._queue):
+                    self._finish(job, "error", EngineError(self.error))
+                self._queue.clear()
         self._dispatch()
         self._emit()
 

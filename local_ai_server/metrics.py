@@ -51,6 +51,8 @@ class Metrics:
         elif name == "generation":
             self.llm_generations.labels(data["outcome"]).inc()
             self.llm_tokens.inc(data.get("tokens", 0))
+        elif name == "worker_restart":
+            self.worker_restarts.inc()
 
     def render(self) -> bytes:
         """Prometheus text exposition."""

@@ -1,0 +1,117 @@
+"""Non-blocking and worker faults, shown by ordering and counters against a server with long generations."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from .conftest import Client, ServerProc, connect, silence, start_server
+
+# SmolLM2 counts for as long as it is allowed to at temperature 0: a long generation on demand.
+LONG_PROMPT = "Count from 1 to 600, writing every number, separated by commas."
+# With the voice system prompt it stops early, so the request brings the model's own default one.
+LONG_CONTEXT = [{"role": "system", "content": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"}]
+LONG_ENV = {"LOCAL_LLM_MAX_TOKENS": "1500", "LOCAL_LLM_CONTEXT": "4096", "LOCAL_LLM_TEMPERATURE": "0",
+            "LOCAL_LLM_REPEAT_PENALTY": "1.0"}
+
+
+@pytest.fixture(scope="module")
+def long_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
+    srv = start_server(tmp_path_factory.mktemp("long"), models_dir, env=LONG_ENV)
+    yield srv
+    assert srv.stop() == 0, srv.logs()[-2000:]
+
+
+async def _start_long(client: Client, request_id: str) -> None:
+    """Start a long streamed generation and wait until its tokens flow."""
+    await client.send({"type": "llm_request", "text": LONG_PROMPT, "request_id": request_id, "stream": True,
+                       "call_id": f"long-{request_id}", "context": LONG_CONTEXT})
+    await client.wait_for(lambda m: m.get("type") == "llm_token" and m.get("request_id") == request_id)
+
+
+async def test_other_callers_are_served_while_the_llm_generates(long_server: ServerProc, speak: Any) -> None:
+    a = await connect(long_server)
+    b = await connect(long_server)
+    try:
+        await _start_long(a, "long-1")
+        status = await b.request({"type": "status", "request_id": "s"}, "status_response")
+        assert status["pool"]["busy"] == 1
+        tts = await b.request({"type": "tts_request", "text": "One moment please."}, "tts_response")
+        await b.request({"type": "set_mode", "mode": "stt", "call_id": "b"}, "mode_ready")
+        await b.stream(np.concatenate([speak("Please check my order status."), silence(1.0)]), frame_ms=20)
+        final = await b.wait_for(lambda m: m.get("type") == "stt_result" and m.get("is_final"), timeout=60)
+        assert "order" in final["text"].lower()
+        # Only now does the long answer end: everything above arrived while it was generating.
+        assert not a.got.json("llm_response"), "the long generation ended before the other caller was served"
+        response = await a.wait_for(lambda m: m.get("type") == "llm_response", timeout=300)
+        assert len(response["text"]) > 500
+        assert tts["byte_length"] > 0
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_killed_worker_becomes_engine_error_and_is_replaced(long_server: ServerProc) -> None:
+    a = await connect(long_server)
+    try:
+        await _start_long(a, "kill-1")
+        status = await a.request({"type": "status"}, "status_response")
+        pids = status["pool"]["pids"]
+        assert len(pids) == 1
+        restarts = long_server.metric("las_llm_worker_restarts_total")
+        os.kill(pids[0], signal.SIGKILL)
+        err = await a.wait_for(lambda m: m.get("type") == "error" and m.get("request_id") == "kill-1", timeout=30)
+        assert err["code"] == "engine_error" and "/" not in err["message"]
+        assert not [m for m in a.got.json("llm_response") if m.get("request_id") == "kill-1"]
+        # The next request is answered by a fresh worker.
+        reply = await a.request({"type": "llm_request", "text": "Say hello.", "request_id": "after"},
+                                "llm_response", timeout=120)
+        assert reply["text"] and reply["request_id"] == "after"
+        status = await a.request({"type": "status"}, "status_response")
+        assert status["pool"]["pids"] and status["pool"]["pids"][0] != pids[0]
+        assert long_server.metric("las_llm_worker_restarts_total") == restarts + 1
+        with pytest.raises(ProcessLookupError):
+            os.kill(pids[0], 0)
+    finally:
+        await a.close()
+
+
+async def test_closing_the_connection_stops_the_generation(long_server: ServerProc) -> None:
+    cancelled = long_server.metric("las_llm_generations_total", 'outcome="cancelled"')
+    completed = long_server.metric("las_llm_generations_total", 'outcome="completed"')
+    a = await connect(long_server)
+    await _start_long(a, "close-1")
+    assert long_server.metric("las_llm_pool_busy") == 1
+    await a.close()
+    for _ in range(600):
+        if long_server.metric("las_llm_pool_busy") == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert long_server.metric("las_llm_pool_busy") == 0
+    # The worker reported the generation as cancelled: it stopped, it did not run to its end.
+    assert long_server.metric("las_llm_generations_total", 'outcome="cancelled"') == cancelled + 1
+    assert long_server.metric("las_llm_generations_total", 'outcome="completed"') == completed
+
+
+async def test_queue_overflow_answers_busy(models_dir: Path, tmp_path: Path) -> None:
+    srv = start_server(tmp_path, models_dir, env={**LONG_ENV, "LOCAL_LLM_MAX_QUEUE": "1"})
+    try:
+        c = await connect(srv)
+        await _start_long(c, "q-1")
+        await c.send({"type": "llm_request", "text": "Hi", "request_id": "q-2"})
+        await c.send({"type": "llm_request", "text": "Hi", "request_id": "q-3"})
+        err = await c.wait_for(lambda m: m.get("type") == "error" and m.get("request_id") == "q-3")
+        assert err["code"] == "busy"
+        status = await c.request({"type": "status"}, "status_response")
+        assert status["pool"]["queued"] == 1 and status["pool"]["busy"] == 1
+        await c.send({"type": "barge_in", "request_id": "stop"})
+        await c.wait_type("barge_in_ack")
+        await c.close()
+    finally:
+        assert srv.stop() == 0

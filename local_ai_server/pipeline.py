@@ -175,7 +175,7 @@ class SessionRunner:
         """Segment the stream; launch partials; queue finals; flush after the idle timeout."""
         idle_s = self.cfg.stt.idle_ms / 1000.0
         while True:
-            if self.engines.vad is None:
+            if self.engines.vad is None or self.engines.stt_state.state in ("missing", "failed"):
                 await self._drain_without_stt()
                 continue
             if self._segmenter is None:

@@ -8,16 +8,16 @@ import os
 # (shared/MODELS.md trap 3). Must be set before llama.cpp or CTranslate2 load; workers inherit it.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import asyncio
+import sys
+from pathlib import Path
 
-import structlog  # noqa: E402
+import structlog
 
-from . import logsetup  # noqa: E402
-from .config import ConfigError, ServerConfig, from_env, validate, with_overrides  # noqa: E402
-from .setup.selection import default_models_dir, read_selection  # noqa: E402
+from . import logsetup
+from .config import ConfigError, ServerConfig, from_env, validate, with_overrides
+from .setup.selection import default_models_dir, read_selection
 
 
 def build_parser() -> argparse.ArgumentParser:

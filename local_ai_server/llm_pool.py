@@ -9,10 +9,11 @@ import multiprocessing
 import signal
 import threading
 import time
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import structlog
 
@@ -69,7 +70,7 @@ def _worker_main(conn: Connection, model_path: str | None, params: LlmParams) ->
         t0 = time.monotonic()
         first: float | None = None
 
-        def should_stop() -> bool:
+        def should_stop(job_id: int = job_id) -> bool:
             nonlocal cancelled, stop_after
             while conn.poll():
                 try:
@@ -129,7 +130,7 @@ class LlmJob:
     worker: _Worker | None = None
     timer: asyncio.TimerHandle | None = None
 
-    async def stream(self) -> AsyncIterator[str]:
+    async def stream(self) -> AsyncGenerator[str, None]:
         """Yield text deltas; raises the job's ServerError; cancels the job if the consumer stops early."""
         try:
             while True:

@@ -78,7 +78,9 @@ class SessionRunner:
         self.metrics = metrics
         self.turns: set[Turn] = set()
         self.voice_turn: Turn | None = None
-        self._audio_q: asyncio.Queue[tuple[np.ndarray, str, P.RequestId]] = asyncio.Queue(AUDIO_QUEUE_FRAMES)
+        # (raw payload, format, rate), session mode at arrival, request id
+        self._audio_q: asyncio.Queue[tuple[tuple[bytes, str, int], str, P.RequestId]] = asyncio.Queue(
+            AUDIO_QUEUE_FRAMES)
         self._speech_task: asyncio.Task[None] | None = None
         self._finals_q: asyncio.Queue[tuple[UtteranceEnd | None, str, P.RequestId, float]] = asyncio.Queue()
         self._finals_task: asyncio.Task[None] | None = None
@@ -147,14 +149,11 @@ class SessionRunner:
             self._speech_task = self._spawn(self._speech_loop())
             self._finals_task = self._spawn(self._finals_loop())
         try:
-            self._audio_q.put_nowait((self._decode_or_raw(payload, fmt_n, rate_n), mode, request_id))
+            # Decoding is deferred to the speech task, which runs it off the loop for big frames.
+            self._audio_q.put_nowait(((payload, fmt_n, rate_n), mode, request_id))
         except asyncio.QueueFull:
             self.metrics.audio_dropped.inc()
             raise Busy("audio queue is full; frame dropped", request_id=_rid(request_id)) from None
-
-    def _decode_or_raw(self, payload: bytes, fmt: str, rate: int) -> Any:
-        # Decoding is deferred to the speech task so that it can run off the loop for big frames.
-        return (payload, fmt, rate)
 
     def _decode(self, item: tuple[bytes, str, int]) -> np.ndarray:
         payload, fmt, rate = item
@@ -195,7 +194,7 @@ class SessionRunner:
                     events = await self.engines.run_aux(self._process_frame, item)
                 else:
                     events = self._process_frame(item)
-            except Exception:  # noqa: BLE001 - garbage audio must not kill the session's speech task
+            except Exception:
                 log.warning("audio.decode_failed", session=self.session.id, exc_info=True)
                 self.error(UnsupportedAudio("audio frame could not be decoded"))
                 continue
@@ -209,7 +208,7 @@ class SessionRunner:
             self._maybe_partial(mode, rid)
 
     async def _drain_without_stt(self) -> None:
-        item, mode, rid = await self._audio_q.get()
+        _item, mode, rid = await self._audio_q.get()
         if not self._stt_unavailable_sent:
             self._stt_unavailable_sent = True
             self.out.send_data(P.stt_result("", call_id=self.session.call_id, mode=mode, is_final=True,
@@ -275,8 +274,8 @@ class SessionRunner:
                 self.out.send_data(P.stt_result("", call_id=self.session.call_id, mode=mode, is_final=True,
                                                 request_id=rid, error="stt_unavailable"))
                 continue
-            except Exception:  # noqa: BLE001 - one bad utterance must not end the session's STT
-                log.error("stt.failed", session=self.session.id, exc_info=True)
+            except Exception:
+                log.exception("stt.failed", session=self.session.id)
                 self.error(ServerError("speech could not be transcribed", request_id=None))
                 continue
             stt_ms = (time.monotonic() - t0) * 1000

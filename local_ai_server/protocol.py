@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Union
+from typing import Any
 
 from .errors import InvalidField, InvalidJson, PayloadTooLarge, ServerError, UnknownType
 
@@ -14,7 +15,7 @@ MODES = ("full", "stt", "llm", "tts")
 STT_BACKEND = "faster_whisper"
 TTS_BACKEND = "piper"
 
-RequestId = Union[str, int, None]
+RequestId = str | int | None
 
 
 @dataclass(frozen=True)
@@ -150,9 +151,10 @@ class ToolContext:
     call_id: str | None = None
 
 
-Message = Union[
-    Auth, SetMode, Audio, LlmRequest, TtsRequest, SwitchModel, Reload, Status, Capabilities, BargeIn, ToolContext
-]
+Message = (
+    Auth | SetMode | Audio | LlmRequest | TtsRequest | SwitchModel | Reload | Status | Capabilities | BargeIn
+    | ToolContext
+)
 
 
 def normalize_type(value: Any) -> str:

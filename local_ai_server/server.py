@@ -202,8 +202,8 @@ class VoiceServer:
                     runner.error(err)
                 except ConnectionClosed:
                     raise
-                except Exception:  # noqa: BLE001 - one bad message must not end the session
-                    log.error("message.failed", session=session.id, exc_info=True)
+                except Exception:
+                    log.exception("message.failed", session=session.id)
                     runner.error(ServerError("internal error while handling the message"))
                 if writer.done():
                     break

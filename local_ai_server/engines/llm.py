@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,10 @@ class LlamaEngine:
         )
         try:
             for chunk in chunks:
-                delta = chunk["choices"][0]["delta"].get("content")  # type: ignore[index]
+                raw: Any = chunk
+                delta = raw["choices"][0]["delta"].get("content")
                 if delta:
-                    yield delta
+                    yield str(delta)
                 if should_stop():
                     break
         finally:

@@ -13,9 +13,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -140,7 +141,7 @@ def start_server(tmp: Path, models_dir: Path | None, *, env: dict[str, str] | No
         full_env["LOCAL_MODELS_DIR"] = str(models_dir)
     full_env.update(env or {})
     log_path = tmp / f"server-{port}.log"
-    fh = open(log_path, "wb")
+    fh = open(log_path, "wb")  # noqa: SIM115 - owned by the child process for its whole life
     proc = subprocess.Popen([sys.executable, "-m", "local_ai_server"], cwd=str(ROOT), env=full_env,
                             stdout=fh, stderr=subprocess.STDOUT)
     server = ServerProc(proc=proc, port=port, log_path=log_path, token=full_env.get("LOCAL_WS_AUTH_TOKEN"))

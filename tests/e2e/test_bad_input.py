@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -150,7 +151,7 @@ def test_non_loopback_bind_without_token_is_refused(tmp_path: Path) -> None:
 
     env = {"PATH": "/usr/bin:/bin", "LOCAL_WS_HOST": "0.0.0.0", "LOCAL_MODELS_DIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "local_ai_server"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert "LOCAL_WS_AUTH_TOKEN" in proc.stderr
 

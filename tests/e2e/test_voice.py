@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jiwer
 import numpy as np
@@ -55,7 +57,7 @@ async def test_stt_mode_partials_then_final(client_factory: Callable[..., Any],
         assert p["is_partial"] is True and p["is_final"] is False and p["text"]
     # Partials are only sent when the text changed.
     texts = [p["text"] for p in partials]
-    assert all(a != b for a, b in zip(texts, texts[1:]))
+    assert all(a != b for a, b in itertools.pairwise(texts))
 
 
 async def test_stt_mode_json_audio_at_8k_mulaw(client_factory: Callable[..., Any],

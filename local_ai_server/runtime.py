@@ -71,7 +71,8 @@ class Engines:
         c = self.cfg.llm
         return LlmPool(
             path,
-            LlmParams(context=c.context, threads=c.threads, batch=c.batch, gpu_layers=c.gpu_layers),
+            LlmParams(context=c.context, threads=c.threads, batch=c.batch, gpu_layers=c.gpu_layers,
+                      warmup_system_prompt=c.system_prompt),
             workers=c.workers,
             max_queue=c.max_queue,
             infer_timeout_s=c.infer_timeout_s,

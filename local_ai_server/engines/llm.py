@@ -18,6 +18,8 @@ class LlmParams:
     threads: int
     batch: int
     gpu_layers: int
+    # Prefilled at start-up: llama.cpp reuses a matching prompt prefix, so the first caller skips it.
+    warmup_system_prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,10 @@ class LlamaEngine:
 
     def warm_up(self) -> None:
         """Decode a couple of tokens: a broken build (AMX) crashes on decode, not on load."""
-        for _ in self.stream([("user", "Hi")], SamplingParams(2, 0.0, 1.0, 1.0), lambda: False):
+        messages = [("user", "Hi")]
+        if self.params.warmup_system_prompt:
+            messages.insert(0, ("system", self.params.warmup_system_prompt))
+        for _ in self.stream(messages, SamplingParams(2, 0.0, 1.0, 1.0), lambda: False):
             pass
 
     def stream(

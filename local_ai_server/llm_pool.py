@@ -426,8 +426,10 @@ class LlmPool:
                 self._finish(job, "cancelled", Cancelled("cancelled"))
             else:
                 self._finish(job, "error", EngineError("the LLM worker stopped unexpectedly"))
-        if w.proc is not None:
-            w.proc.join(0)
+        if w.proc is not None and self._loop is not None:
+            # The pipe closes a moment before the kernel marks the process exited: reap it off the loop,
+            # or it would linger as a zombie.
+            self._loop.run_in_executor(None, w.proc.join, 10.0)
         if self._closing:
             return
         if w in self._workers and (was_serving or w.killed_for_timeout):

@@ -288,7 +288,11 @@ class Client:
                     await asyncio.sleep(delay)
 
     async def close(self) -> None:
-        await self.ws.close()
+        if self.closed_code is None:
+            try:
+                await self.ws.close()
+            except Exception:  # noqa: BLE001 - the server may already have dropped the transport
+                pass
         await asyncio.gather(self._reader, return_exceptions=True)
 
 

@@ -319,9 +319,11 @@ class SessionRunner:
                         context: tuple[tuple[str, str], ...] | None) -> None:
         s = self.session
         call_id = s.call_id
-        messages = s.messages_for(text, self.cfg.llm.system_prompt, context)
+        messages = s.messages_for(text, self.engines.default_prompt, context)
+        epoch = s.history_epoch
         log.info("llm.request", session=s.id, call_id=call_id, kind=turn.kind, turn=turn.id,
-                 messages=len(messages), history=len(s.history), context=context is not None)
+                 messages=len(messages), history=len(s.history), context=context is not None,
+                 system_prompt_chars=len(messages[0][1]) if messages[0][0] == "system" else 0)
         enc, rate, _fb = s.output_format()
         try:
             job = self.engines.pool.submit(messages, self.engines.sampling())
@@ -353,15 +355,16 @@ class SessionRunner:
             answer = "".join(parts).strip()
             self.out.send_data(P.llm_response(answer, call_id=call_id, request_id=turn.request_id), turn)
             if context is None:
-                s.add_turn(text, answer)
+                s.add_turn(text, answer, epoch)
             self._log_turn(turn, job.stats, len(answer))
         except asyncio.CancelledError:
             job.cancel()
             if speaker is not None:
                 speaker.cancel()
             if context is None and parts:
-                # The caller heard (part of) this answer: keep it so the conversation stays coherent.
-                s.add_turn(text, "".join(parts).strip())
+                # The caller heard (part of) this answer: keep it so the conversation stays coherent,
+                # unless the history was reset meanwhile (new call, stop_session).
+                s.add_turn(text, "".join(parts).strip(), epoch)
             raise
         except ServerError as err:
             if speaker is not None:

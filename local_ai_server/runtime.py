@@ -66,6 +66,8 @@ class Engines:
         self.pool = self._make_pool(cfg.llm.model_path)
         self.warming = True
         self.started_at = time.time()
+        # Server-wide system prompt: global switch_model may replace the configured one at run time.
+        self.default_prompt = cfg.llm.system_prompt
 
     def _make_pool(self, path: Path | None) -> LlmPool:
         c = self.cfg.llm

@@ -96,7 +96,6 @@ class VoiceServer:
         self.cfg = cfg
         self.metrics = Metrics()
         self.engines = Engines(cfg, self.metrics)
-        self.default_prompt = cfg.llm.system_prompt
         self.runners: set[SessionRunner] = set()
         self.started = time.monotonic()
         self._server: Server | None = None
@@ -287,7 +286,7 @@ class VoiceServer:
             cancelled = runner.cancel_all()
             if msg.reason == "stop_session":
                 runner.stop_speech()
-                session.history.clear()
+                session.reset_history()
             log.info("barge_in", session=session.id, call_id=session.call_id, cancelled=cancelled,
                      reason=msg.reason)
             out.send_control(P.barge_in_ack(call_id=msg.call_id or session.call_id, request_id=msg.request_id))
@@ -299,10 +298,9 @@ class VoiceServer:
             if msg.scope == "session":
                 self._adopt(msg.call_id, session, runner)
                 changed = []
-                if msg.system_prompt is not None and not msg.dry_run:
+                if msg.system_prompt is not None:
+                    # dry_run only concerns model loading (as in AVA's server); a prompt is always applied.
                     session.system_prompt = msg.system_prompt or None
-                    changed.append("system_prompt")
-                elif msg.system_prompt is not None:
                     changed.append("system_prompt")
                 out.send_control(P.switch_response(
                     "success", "session system prompt updated" if changed else "nothing to change",
@@ -358,26 +356,27 @@ class VoiceServer:
                 if current is not None and path == current.resolve():
                     continue
                 plan.append((kind, path))
-            if msg.system_prompt is not None and msg.system_prompt != self.default_prompt:
-                plan.append(("system_prompt", msg.system_prompt))
-            changed = [k if k == "system_prompt" else f"{k}_model_path" for k, _ in plan]
-            if not plan:
+            changed = [f"{k}_model_path" for k, _ in plan]
+            prompt_changed = msg.system_prompt is not None and msg.system_prompt != self.engines.default_prompt
+            if prompt_changed:
+                # Applied even with dry_run: AVA's engine sends its prompt as a dry-run global switch.
+                self.engines.default_prompt = msg.system_prompt or self.cfg.llm.system_prompt
+                changed.insert(0, "system_prompt")
+            if not changed:
                 runner.out.send_control(P.switch_response("no_change", "already in use", changed=[],
                                                           request_id=rid))
                 return
             if msg.dry_run:
-                runner.out.send_control(P.switch_response("success", "dry run: would change "
-                                                          + ", ".join(changed), changed=changed, request_id=rid))
+                message = "dry run: " + ", ".join(changed) if plan else "system prompt updated"
+                runner.out.send_control(P.switch_response("success", message, changed=changed, request_id=rid))
                 return
             for kind, value in plan:
                 if kind == "stt":
                     await self.engines.switch_stt(value)
                 elif kind == "tts":
                     await self.engines.switch_tts(value)
-                elif kind == "llm":
-                    await self.engines.switch_llm(value)
                 else:
-                    self.default_prompt = value
+                    await self.engines.switch_llm(value)
             log.info("switch_model.done", changed=changed)
             runner.out.send_control(P.switch_response("success", "switched " + ", ".join(changed),
                                                       changed=changed, request_id=rid))

@@ -31,15 +31,22 @@ class Session:
     generation: int = 0
     tool_context: dict[str, Any] | None = None
     max_history_turns: int = 8
+    # Bumped whenever the history is reset, so a turn that outlives the reset cannot write into it.
+    history_epoch: int = 0
 
     def adopt_call_id(self, call_id: str | None) -> bool:
         """Switch to `call_id` if it is new; a new call starts with an empty history."""
         if not call_id or call_id == self.call_id:
             return False
         self.call_id = call_id
-        self.history.clear()
+        self.reset_history()
         self.tool_context = None
         return True
+
+    def reset_history(self) -> None:
+        """Forget the conversation (new call, stop_session)."""
+        self.history.clear()
+        self.history_epoch += 1
 
     def output_format(self, encoding: str | None = None, rate: int | None = None) -> tuple[str, int, bool]:
         """Effective output (encoding, rate, fell_back): request values first, then session defaults."""
@@ -59,8 +66,10 @@ class Session:
             return [*convo, ("user", user_text)]
         return [("system", prompt), *convo, ("user", user_text)]
 
-    def add_turn(self, user_text: str, answer: str) -> None:
-        """Remember one exchange, keeping only the most recent turns."""
+    def add_turn(self, user_text: str, answer: str, epoch: int | None = None) -> None:
+        """Remember one exchange (dropped if the history was reset since `epoch`), keeping the latest turns."""
+        if epoch is not None and epoch != self.history_epoch:
+            return
         self.history.append(("user", user_text))
         if answer:
             self.history.append(("assistant", answer))

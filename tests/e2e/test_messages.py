@@ -11,7 +11,9 @@ from typing import Any
 
 from local_ai_server.audio import is_silent, mulaw_decode, pcm16_to_float32
 
-from .conftest import ServerProc
+from local_ai_server.config import DEFAULT_SYSTEM_PROMPT
+
+from .conftest import ServerProc, connect
 
 
 async def test_set_mode_echoes_effective_values(client_factory: Callable[..., Any]) -> None:
@@ -131,10 +133,23 @@ async def test_switch_model_global_and_reload(client_factory: Callable[..., Any]
         bad.unlink()
     answer = await c.request({"type": "llm_request", "text": "Say hello."}, "llm_response")
     assert answer["text"]
-    # dry_run reports what would change without changing it.
+    # A global system prompt applies to every session without its own, even with dry_run (AVA's engine
+    # sends its prompt exactly so); dry_run only keeps model files from loading.
     reply = await c.request({"type": "switch_model", "dry_run": True, "request_id": "g5",
                              "llm_config": {"system_prompt": "Be terse."}}, "switch_response")
     assert reply["status"] == "success" and reply["changed"] == ["system_prompt"]
+    other = await connect(server)
+    await other.request({"type": "llm_request", "text": "Hi", "call_id": "g-prompt"}, "llm_response")
+    sent = [e for e in server.log_events() if e.get("event") == "llm.request" and e.get("call_id") == "g-prompt"]
+    assert sent[-1]["system_prompt_chars"] == len("Be terse.")
+    await other.close()
+    reply = await c.request({"type": "switch_model", "request_id": "g6",
+                             "llm_config": {"system_prompt": DEFAULT_SYSTEM_PROMPT}}, "switch_response")
+    assert reply["status"] == "success"
+    # dry_run with a model path validates it but loads nothing.
+    reply = await c.request({"type": "switch_model", "dry_run": True, "request_id": "g7",
+                             "llm_config": {"model_path": "llm/nope.gguf"}}, "switch_response")
+    assert reply["status"] == "error"
     # reload_llm reloads off the loop and answers reload_response.
     reply = await c.request({"type": "reload_llm", "request_id": "rl1"}, "reload_response", timeout=60)
     assert reply["status"] == "success" and reply["request_id"] == "rl1"
@@ -182,3 +197,32 @@ async def test_tool_context_is_stored_without_reply(client_factory: Callable[...
     await c.send({"type": "tool_context", "call_id": "tc", "tools": ["transfer"]})
     reply = await c.request({"type": "status"}, "status_response")
     assert reply and [m["type"] for m in c.got.json()] == ["status_response"]
+
+
+async def test_history_reset_is_not_undone_by_a_cancelled_answer(client_factory: Callable[..., Any],
+                                                                  server: ServerProc) -> None:
+    """A new call_id (or stop_session) while an answer streams: the cancelled answer stays out of the history."""
+    c = await client_factory()
+
+    def sent(call_id: str) -> list[int]:
+        return [e["messages"] for e in server.log_events() if e.get("event") == "llm.request"
+                and e.get("call_id") == call_id]
+
+    await c.send({"type": "llm_request", "text": "Tell me a long story about a dragon.", "call_id": "old-call",
+                  "request_id": "o1", "stream": True})
+    await c.wait_type("llm_token", request_id="o1")
+    await c.request({"type": "llm_request", "text": "Hello?", "call_id": "new-call", "request_id": "n1"},
+                    "llm_response")
+    assert not [m for m in c.got.json("llm_response") if m.get("request_id") == "o1"], "old answer not cancelled"
+    await c.request({"type": "llm_request", "text": "Again?", "call_id": "new-call", "request_id": "n2"},
+                    "llm_response")
+    assert sent("new-call") == [2, 4]
+
+    await c.send({"type": "llm_request", "text": "Tell me a long story about a knight.", "call_id": "new-call",
+                  "request_id": "n3", "stream": True})
+    await c.wait_type("llm_token", request_id="n3")
+    await c.request({"type": "barge_in", "call_id": "new-call", "reason": "stop_session", "request_id": "s"},
+                    "barge_in_ack")
+    await c.request({"type": "llm_request", "text": "Hi", "call_id": "new-call", "request_id": "n4"},
+                    "llm_response")
+    assert sent("new-call")[-1] == 2

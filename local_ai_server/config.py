@@ -76,7 +76,6 @@ class TtsConfig:
     model_path: Path | None
     threads: int
     concurrency: int = 1
-    max_chars: int = 4000
 
 
 @dataclass(frozen=True)
@@ -176,7 +175,7 @@ def from_env(
         language=_get(env, "LOCAL_STT_LANGUAGE") or "en",
         idle_ms=_int(env, "LOCAL_STT_IDLE_MS", 5000, 100),
         partial_interval_ms=_int(env, "LOCAL_STT_PARTIAL_MS", 900, 0),
-        silence_ms=_int(env, "LOCAL_STT_SEGMENT_SILENCE_MS", 500, 100),
+        silence_ms=_int(env, "LOCAL_STT_SEGMENT_SILENCE_MS", 500, 50),
         energy_threshold=_int(env, "LOCAL_STT_SEGMENT_ENERGY_THRESHOLD", 100, 0),
         max_utterance_s=_float(env, "LOCAL_STT_MAX_UTTERANCE_S", 30.0),
     )
@@ -209,6 +208,7 @@ def from_env(
         auth_token=_get(env, "LOCAL_WS_AUTH_TOKEN"),
         max_frame_bytes=_int(env, "LOCAL_WS_MAX_FRAME_BYTES", 8 * 1024 * 1024, 1024),
         max_text_chars=_int(env, "LOCAL_MAX_TEXT_CHARS", 4000, 16),
+        send_queue_max=_int(env, "LOCAL_WS_SEND_QUEUE_MAX", 512, 16),
         tier=tier,
         log_level=(_get(env, "LOCAL_LOG_LEVEL") or "info").lower(),
         log_json=None if json_env is None else _bool(env, "LOCAL_LOG_JSON", False),

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+# Echoed to clients exactly as they sent it (AVA matches replies by equality).
+RequestId = str | int | None
+
 
 class ServerError(Exception):
     """Base of every error the server turns into an `error` message on the wire."""
 
     code: str = "internal"
 
-    def __init__(self, message: str, *, request_id: str | None = None, call_id: str | None = None) -> None:
+    def __init__(self, message: str, *, request_id: RequestId = None, call_id: str | None = None) -> None:
         super().__init__(message)
         # The message is sent to clients verbatim: it must never hold paths or tracebacks.
         self.message = message

@@ -16,7 +16,7 @@ import structlog
 from . import protocol as P
 from .audio import StreamResampler, encode_output, mulaw_decode, normalize_input_format, pcm16_to_float32
 from .config import ServerConfig
-from .errors import Busy, NotReady, ServerError, UnsupportedAudio
+from .errors import Busy, Cancelled, NotReady, ServerError, UnsupportedAudio
 from .metrics import Metrics
 from .runtime import Engines
 from .session import Session
@@ -29,10 +29,6 @@ log = structlog.get_logger(__name__)
 INLINE_SAMPLES = 8000
 AUDIO_QUEUE_FRAMES = 2000
 _turn_ids = itertools.count(1)
-
-
-def _rid(value: P.RequestId) -> str | None:
-    return None if value is None else str(value)
 
 
 class Outbox(Protocol):
@@ -135,13 +131,17 @@ class SessionRunner:
         if binary:
             fmt_n, rate_n = s.input_format, s.input_rate
         else:
-            fmt_n = normalize_input_format(fmt, None)
-            rate_n = rate if rate is not None else (8000 if fmt_n == "mulaw" else 16000)
-            normalize_input_format(fmt_n, rate_n)
+            try:
+                fmt_n = normalize_input_format(fmt, None)
+                rate_n = rate if rate is not None else (8000 if fmt_n == "mulaw" else 16000)
+                normalize_input_format(fmt_n, rate_n)
+            except UnsupportedAudio as err:
+                err.request_id = request_id
+                raise
             # A JSON frame's format and rate become the session's defaults for later binary frames.
             s.input_format, s.input_rate = fmt_n, rate_n
         if fmt_n == "pcm16le" and len(payload) % 2:
-            raise UnsupportedAudio("pcm16le audio must have an even number of bytes", request_id=_rid(request_id))
+            raise UnsupportedAudio("pcm16le audio must have an even number of bytes", request_id=request_id)
         if not payload:
             return
         mode = s.mode
@@ -153,7 +153,7 @@ class SessionRunner:
             self._audio_q.put_nowait(((payload, fmt_n, rate_n), mode, request_id))
         except asyncio.QueueFull:
             self.metrics.audio_dropped.inc()
-            raise Busy("audio queue is full; frame dropped", request_id=_rid(request_id)) from None
+            raise Busy("audio queue is full; frame dropped", request_id=request_id) from None
 
     def _decode(self, item: tuple[bytes, str, int]) -> np.ndarray:
         payload, fmt, rate = item
@@ -328,7 +328,7 @@ class SessionRunner:
         try:
             job = self.engines.pool.submit(messages, self.engines.sampling())
         except ServerError as err:
-            err.request_id = None if turn.request_id is None else str(turn.request_id)
+            err.request_id = turn.request_id
             self.error(err)
             return
         sentences: asyncio.Queue[tuple[str, bool] | None] = asyncio.Queue()
@@ -361,6 +361,7 @@ class SessionRunner:
             job.cancel()
             if speaker is not None:
                 speaker.cancel()
+            self._report_cancelled(turn)
             if context is None and parts:
                 # The caller heard (part of) this answer: keep it so the conversation stays coherent,
                 # unless the history was reset meanwhile (new call, stop_session).
@@ -371,7 +372,7 @@ class SessionRunner:
                 speaker.cancel()
             if err.code == "cancelled":
                 return
-            err.request_id = None if turn.request_id is None else str(turn.request_id)
+            err.request_id = turn.request_id
             self.error(err)
 
     async def _speak(self, turn: Turn, sentences: asyncio.Queue[tuple[str, bool] | None], enc: str,
@@ -394,7 +395,7 @@ class SessionRunner:
             try:
                 payload = await self._synthesize(speech, enc, rate)
             except ServerError as err:
-                err.request_id = None if turn.request_id is None else str(turn.request_id)
+                err.request_id = turn.request_id
                 self.error(err)
                 return
             if not payload:
@@ -444,18 +445,34 @@ class SessionRunner:
 
     # ------------------------------------------------------------------ tts requests
 
-    async def tts_request(self, req: P.TtsRequest) -> None:
+    def start_tts(self, req: P.TtsRequest) -> Turn:
+        """Answer a tts_request in the background; a barge-in cancels it like an answer."""
+        turn = Turn(id=next(_turn_ids), kind="tts_request", request_id=req.request_id)
+        turn.task = self._spawn(self._tts_request(turn, req))
+        self.turns.add(turn)
+        turn.task.add_done_callback(lambda _t: self.turns.discard(turn))
+        return turn
+
+    async def _tts_request(self, turn: Turn, req: P.TtsRequest) -> None:
         """Synthesize a whole text and answer with one tts_response."""
         enc, rate, _fb = self.session.output_format(req.output_encoding, req.output_sample_rate_hz)
         try:
             speech = clean_for_speech(req.text) or req.text
             payload = await self._synthesize(speech, enc, rate) if speech.strip() else b""
+        except asyncio.CancelledError:
+            self._report_cancelled(turn)
+            raise
         except ServerError as err:
-            err.request_id = None if req.request_id is None else str(req.request_id)
+            err.request_id = req.request_id
             self.error(err)
             return
         self.out.send_data(P.tts_response(req.text, payload, call_id=self.session.call_id, encoding=enc,
-                                          sample_rate_hz=rate, request_id=req.request_id))
+                                          sample_rate_hz=rate, request_id=req.request_id), turn)
+
+    def _report_cancelled(self, turn: Turn) -> None:
+        """Tell the requester of an explicit request that it will get no reply (voice turns have none)."""
+        if turn.kind != "voice":
+            self.error(Cancelled(f"{turn.kind} cancelled", request_id=turn.request_id))
 
     # ------------------------------------------------------------------ cancellation
 

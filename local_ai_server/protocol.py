@@ -9,13 +9,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidField, InvalidJson, PayloadTooLarge, ServerError, UnknownType
+from .errors import InvalidField, InvalidJson, PayloadTooLarge, RequestId, ServerError, UnknownType
 
 MODES = ("full", "stt", "llm", "tts")
 STT_BACKEND = "faster_whisper"
 TTS_BACKEND = "piper"
 
-RequestId = str | int | None
 
 
 @dataclass(frozen=True)
@@ -35,9 +34,9 @@ class Auth:
 
 @dataclass(frozen=True)
 class SetMode:
-    """`set_mode`: session defaults."""
+    """`set_mode`: session defaults (a missing mode keeps the current one)."""
 
-    mode: str
+    mode: str | None
     call_id: str | None = None
     segment_energy_threshold: int | None = None
     segment_silence_ms: int | None = None
@@ -162,8 +161,9 @@ def normalize_type(value: Any) -> str:
     return str(value).strip().lower().replace("-", "_")
 
 
-def _rid(value: Any) -> str | None:
-    return None if value is None else str(value)
+def _rid(value: Any) -> RequestId:
+    """A raw JSON value as a request id, or None when it cannot be one."""
+    return value if isinstance(value, (str, int)) and not isinstance(value, bool) else None
 
 
 class _Fields:
@@ -264,7 +264,7 @@ def _parse_auth(f: _Fields, limits: Limits) -> Auth:
 def _parse_set_mode(f: _Fields, limits: Limits) -> SetMode:
     mode = f.opt_mode()
     return SetMode(
-        mode=mode or "full",
+        mode=mode,
         call_id=f.call_id,
         segment_energy_threshold=f.opt_int("segment_energy_threshold", 0, 32767),
         segment_silence_ms=f.opt_int("segment_silence_ms", 50, 10000),
@@ -432,14 +432,12 @@ def parse_object(obj: Mapping[str, Any], limits: Limits = Limits()) -> Message:
     raw_type = obj.get("type")
     if raw_type is None or not isinstance(raw_type, str):
         rid = obj.get("request_id")
-        raise InvalidField("type is required and must be a string", request_id=_rid(rid)
-                           if isinstance(rid, (str, int)) else None)
+        raise InvalidField("type is required and must be a string", request_id=_rid(rid))
     mtype = normalize_type(raw_type)
     parser = _PARSERS.get(mtype)
     if parser is None:
         rid = obj.get("request_id")
-        raise UnknownType(f"unknown message type {mtype[:64]!r}",
-                          request_id=_rid(rid) if isinstance(rid, (str, int)) else None)
+        raise UnknownType(f"unknown message type {mtype[:64]!r}", request_id=_rid(rid))
     return parser(_Fields(obj, mtype), limits)
 
 

@@ -254,7 +254,7 @@ class VoiceServer:
             if msg.mode:
                 session.mode = msg.mode
             if not msg.text.strip():
-                raise InvalidField("llm_request.text must not be empty", request_id=_rid(msg.request_id))
+                raise InvalidField("llm_request.text must not be empty", request_id=msg.request_id)
             runner.start_turn(msg.text, kind="llm_request", request_id=msg.request_id, speak=False,
                               stream_tokens=msg.stream, context=msg.context)
         elif isinstance(msg, P.TtsRequest):
@@ -262,11 +262,12 @@ class VoiceServer:
             if msg.mode:
                 session.mode = msg.mode
             if not msg.text.strip():
-                raise InvalidField("tts_request.text must not be empty", request_id=_rid(msg.request_id))
-            runner._spawn(runner.tts_request(msg))
+                raise InvalidField("tts_request.text must not be empty", request_id=msg.request_id)
+            runner.start_tts(msg)
         elif isinstance(msg, P.SetMode):
             self._adopt(msg.call_id, session, runner)
-            session.mode = msg.mode
+            if msg.mode:
+                session.mode = msg.mode
             if msg.segment_energy_threshold is not None:
                 session.segment_energy_threshold = msg.segment_energy_threshold
             if msg.segment_silence_ms is not None:
@@ -285,9 +286,11 @@ class VoiceServer:
         elif isinstance(msg, P.BargeIn):
             cancelled = runner.cancel_all()
             if msg.reason == "stop_session":
+                # The call is over; the connection stays open for the next one.
                 runner.stop_speech()
                 session.reset_history()
-            log.info("barge_in", session=session.id, call_id=session.call_id, cancelled=cancelled,
+                session.call_id = "unknown"
+            log.info("barge_in", session=session.id, call_id=msg.call_id or session.call_id, cancelled=cancelled,
                      reason=msg.reason)
             out.send_control(P.barge_in_ack(call_id=msg.call_id or session.call_id, request_id=msg.request_id))
         elif isinstance(msg, P.Status):
@@ -383,7 +386,7 @@ class VoiceServer:
         except ServerError as err:
             log.warning("switch_model.failed", error=err.message)
             runner.out.send_control(P.switch_response("error", err.message, changed=[], request_id=rid))
-            err.request_id = _rid(rid)
+            err.request_id = rid
             runner.error(err)
 
     async def _reload(self, msg: P.Reload, runner: SessionRunner) -> None:
@@ -408,7 +411,7 @@ class VoiceServer:
             runner.out.send_control(P.reload_response("success", message, request_id=rid))
         except ServerError as err:
             runner.out.send_control(P.reload_response("error", err.message, request_id=rid))
-            err.request_id = _rid(rid)
+            err.request_id = rid
             runner.error(err)
 
     # ------------------------------------------------------------------ status
@@ -474,10 +477,6 @@ def _json_response(status: HTTPStatus, body: dict[str, Any]) -> Response:
     headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(data))),
                        ("Connection", "close")])
     return Response(status.value, status.phrase, headers, data)
-
-
-def _rid(value: P.RequestId) -> str | None:
-    return None if value is None else str(value)
 
 
 def _remote(ws: ServerConnection) -> str | None:

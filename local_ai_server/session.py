@@ -53,7 +53,10 @@ class Session:
         if encoding is None and rate is None:
             encoding, rate = self.output_encoding, self.output_sample_rate_hz
         elif encoding is None:
+            # A rate alone: mu-law exists only at 8 kHz, so any other rate means linear16.
             encoding = self.output_encoding
+            if encoding is None or (encoding == "mulaw" and rate != 8000):
+                encoding = "mulaw" if rate == 8000 else "linear16"
         return normalize_output_format(encoding, rate)
 
     def messages_for(

@@ -29,6 +29,10 @@ async def test_set_mode_echoes_effective_values(client_factory: Callable[..., An
     assert ready["mode"] == "tts" and ready["call_id"] == "c1"
     assert ready["output_encoding"] == "mulaw" and ready["output_sample_rate_hz"] == 8000
     assert ready["segment_energy_threshold"] == 900
+    # Without `mode` the mode stays; a rate alone (not 8000) means linear16.
+    ready = await c.request({"type": "set_mode", "output_sample_rate_hz": 16000}, "mode_ready")
+    assert ready["mode"] == "tts" and ready["output_encoding"] == "linear16"
+    assert ready["output_sample_rate_hz"] == 16000
 
 
 async def test_llm_request_plain_and_streamed(client_factory: Callable[..., Any]) -> None:
@@ -214,6 +218,8 @@ async def test_history_reset_is_not_undone_by_a_cancelled_answer(client_factory:
     await c.request({"type": "llm_request", "text": "Hello?", "call_id": "new-call", "request_id": "n1"},
                     "llm_response")
     assert not [m for m in c.got.json("llm_response") if m.get("request_id") == "o1"], "old answer not cancelled"
+    err = await c.wait_for(lambda m: m.get("type") == "error" and m.get("request_id") == "o1")
+    assert err["code"] == "cancelled"
     await c.request({"type": "llm_request", "text": "Again?", "call_id": "new-call", "request_id": "n2"},
                     "llm_response")
     assert sent("new-call") == [2, 4]

@@ -17,6 +17,7 @@ import structlog
 
 from . import logsetup
 from .config import ConfigError, ServerConfig, from_env, validate, with_overrides
+from .setup.registry import SetupError
 from .setup.selection import default_models_dir, read_selection
 
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `local-ai-server` console script."""
     try:
         cfg = load_config(argv)
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, SetupError, ValueError) as exc:
         print(f"local-ai-server: {exc}", file=sys.stderr)
         return 2
     logsetup.configure(cfg.log_level, cfg.log_json)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -18,8 +19,12 @@ LOOPBACK_HOSTS = ("localhost", "::1", "ip6-localhost")
 
 
 def is_loopback(host: str) -> bool:
-    """True when `host` only accepts connections from this machine."""
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
+    """True when `host` only accepts connections from this machine (an IP literal, or a known name)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        # A DNS name such as 127.example.com could resolve anywhere: only the well-known names count.
+        return host in LOOPBACK_HOSTS
 
 
 def cpu_count() -> int:
@@ -123,6 +128,13 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
+def _port(env: Mapping[str, str]) -> int:
+    port = _int(env, "LOCAL_WS_PORT", 8765, 0)
+    if port > 65535:
+        raise ConfigError(f"LOCAL_WS_PORT must be <= 65535, got {port}")
+    return port
+
+
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = _get(env, name)
     if raw is None:
@@ -200,7 +212,7 @@ def from_env(
     json_env = _get(env, "LOCAL_LOG_JSON")
     return ServerConfig(
         host=host,
-        port=_int(env, "LOCAL_WS_PORT", 8765, 0),
+        port=_port(env),
         stt=stt,
         llm=llm,
         tts=tts,

@@ -200,6 +200,7 @@ class LlmPool:
         self._closing = False
         self._load_lock = asyncio.Lock()
         self.counters: collections.Counter[str] = collections.Counter()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -438,7 +439,10 @@ class LlmPool:
             log.warning("llm.worker_died", worker=w.index, pid=w.pid, exitcode=getattr(w.proc, "exitcode", None))
             replacement = _Worker(index=w.index, model_path=w.model_path)
             self._workers[self._workers.index(w)] = replacement
-            asyncio.ensure_future(self._respawn(replacement))
+            # Keep a reference: the loop holds tasks only weakly.
+            task = asyncio.ensure_future(self._respawn(replacement))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         elif w in self._workers and w.retiring:
             self._workers.remove(w)
         self._dispatch()

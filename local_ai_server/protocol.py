@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,6 +157,10 @@ Message = (
 )
 
 
+_INT_RE = re.compile(r"-?[0-9]{1,12}")
+_SAFE_NAME_RE = re.compile(r"[^a-z0-9_]")
+
+
 def normalize_type(value: Any) -> str:
     """Lower-case, trim and map `-` to `_`, as the protocol prescribes."""
     return str(value).strip().lower().replace("-", "_")
@@ -214,7 +219,7 @@ class _Fields:
                 raise self.fail(f"{name} must be an integer")
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
-            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            if isinstance(value, str) and _INT_RE.fullmatch(value.strip()):
                 value = int(value.strip())
             if not isinstance(value, int):
                 raise self.fail(f"{name} must be an integer")
@@ -437,7 +442,8 @@ def parse_object(obj: Mapping[str, Any], limits: Limits = Limits()) -> Message:
     parser = _PARSERS.get(mtype)
     if parser is None:
         rid = obj.get("request_id")
-        raise UnknownType(f"unknown message type {mtype[:64]!r}", request_id=_rid(rid))
+        # Echo only a sanitised form: client text in an error must never look like a path.
+        raise UnknownType(f"unknown message type {_SAFE_NAME_RE.sub('', mtype)[:40]!r}", request_id=_rid(rid))
     return parser(_Fields(obj, mtype), limits)
 
 

@@ -46,6 +46,7 @@ class ConnectionOutbox:
         self._data: collections.deque[tuple[dict[str, Any], bytes | None, Turn | None]] = collections.deque()
         self._wake = asyncio.Event()
         self.overflowed = False
+        self._closer: asyncio.Future[None] | None = None
 
     def send_control(self, msg: dict[str, Any]) -> None:
         """Queue a reply that must not wait behind audio."""
@@ -66,7 +67,7 @@ class ConnectionOutbox:
             if not self.overflowed:
                 self.overflowed = True
                 log.warning("connection.send_queue_overflow", items=len(self._data))
-                asyncio.ensure_future(self.ws.close(1008, "client is not reading; send queue full"))
+                self._closer = asyncio.ensure_future(self.ws.close(1008, "client is not reading; send queue full"))
             return
         self._data.append(item)
         self._wake.set()

@@ -79,6 +79,9 @@ class Session:
         excess = len(self.history) - 2 * self.max_history_turns
         if excess > 0:
             del self.history[:excess]
+        # Never start with an answer whose question was trimmed away.
+        while self.history and self.history[0][0] != "user":
+            del self.history[0]
 
     def cancel_generation(self) -> int:
         """Invalidate the answer in flight; returns the new generation number."""

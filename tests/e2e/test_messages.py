@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from local_ai_server.audio import is_silent, mulaw_decode, pcm16_to_float32
-
 from local_ai_server.config import DEFAULT_SYSTEM_PROMPT
 
 from .conftest import ServerProc, connect

@@ -1,0 +1,197 @@
+"""Tests for per-connection Session state: call ids, chat history, prompts and output format precedence."""
+
+from __future__ import annotations
+
+import pytest
+
+from local_ai_server.session import DEFAULT_CALL_ID, Session
+
+DEFAULT_PROMPT = "default prompt"
+
+
+def test_new_session_defaults() -> None:
+    s = Session(id=1)
+    assert s.call_id == DEFAULT_CALL_ID == "unknown"
+    assert s.history == [] and s.generation == 0 and s.max_history_turns == 8
+
+
+def test_new_call_id_resets_history_and_tool_context() -> None:
+    s = Session(id=1, call_id="a")
+    s.add_turn("hi", "hello")
+    s.tool_context = {"tools": []}
+    assert s.adopt_call_id("b") is True
+    assert s.call_id == "b" and s.history == [] and s.tool_context is None
+
+
+def test_same_call_id_keeps_history() -> None:
+    s = Session(id=1, call_id="a")
+    s.add_turn("hi", "hello")
+    s.tool_context = {"tools": []}
+    assert s.adopt_call_id("a") is False
+    assert s.history == [("user", "hi"), ("assistant", "hello")] and s.tool_context == {"tools": []}
+
+
+@pytest.mark.parametrize("call_id", [None, ""])
+def test_missing_call_id_keeps_current_call(call_id: str | None) -> None:
+    s = Session(id=1, call_id="a")
+    s.add_turn("hi", "hello")
+    assert s.adopt_call_id(call_id) is False
+    assert s.call_id == "a" and len(s.history) == 2
+
+
+def test_first_call_id_replaces_unknown() -> None:
+    s = Session(id=1)
+    assert s.adopt_call_id("call-1") is True and s.call_id == "call-1"
+
+
+def test_messages_for_uses_default_prompt() -> None:
+    s = Session(id=1)
+    assert s.messages_for("What time is it?", DEFAULT_PROMPT) == [
+        ("system", DEFAULT_PROMPT), ("user", "What time is it?")]
+
+
+def test_messages_for_session_prompt_wins_and_history_included() -> None:
+    s = Session(id=1, system_prompt="session prompt")
+    s.add_turn("one", "uno")
+    assert s.messages_for("two", DEFAULT_PROMPT) == [
+        ("system", "session prompt"), ("user", "one"), ("assistant", "uno"), ("user", "two")]
+
+
+def test_messages_for_context_replaces_history() -> None:
+    s = Session(id=1)
+    s.add_turn("history question", "history answer")
+    ctx = (("user", "ctx q"), ("assistant", "ctx a"))
+    assert s.messages_for("now", DEFAULT_PROMPT, ctx) == [
+        ("system", DEFAULT_PROMPT), ("user", "ctx q"), ("assistant", "ctx a"), ("user", "now")]
+
+
+def test_messages_for_empty_context_drops_history() -> None:
+    s = Session(id=1)
+    s.add_turn("history question", "history answer")
+    assert s.messages_for("now", DEFAULT_PROMPT, ()) == [("system", DEFAULT_PROMPT), ("user", "now")]
+
+
+def test_messages_for_context_with_own_system_message_wins_over_prompts() -> None:
+    s = Session(id=1, system_prompt="session prompt")
+    ctx = (("system", "context prompt"), ("user", "q"), ("assistant", "a"))
+    msgs = s.messages_for("next", DEFAULT_PROMPT, ctx)
+    assert msgs == [("system", "context prompt"), ("user", "q"), ("assistant", "a"), ("user", "next")]
+    assert sum(1 for role, _ in msgs if role == "system") == 1
+
+
+def test_messages_for_does_not_mutate_history() -> None:
+    s = Session(id=1)
+    s.add_turn("q", "a")
+    s.messages_for("next", DEFAULT_PROMPT)
+    assert s.history == [("user", "q"), ("assistant", "a")]
+
+
+def test_add_turn_trims_to_max_history_turns() -> None:
+    s = Session(id=1, max_history_turns=2)
+    for i in range(5):
+        s.add_turn(f"q{i}", f"a{i}")
+    assert s.history == [("user", "q3"), ("assistant", "a3"), ("user", "q4"), ("assistant", "a4")]
+
+
+def test_add_turn_without_answer_stores_only_user_text() -> None:
+    s = Session(id=1)
+    s.add_turn("q", "")
+    assert s.history == [("user", "q")]
+
+
+def test_add_turn_default_keeps_eight_turns() -> None:
+    s = Session(id=1)
+    for i in range(20):
+        s.add_turn(f"q{i}", f"a{i}")
+    assert len(s.history) == 16 and s.history[0] == ("user", "q12") and s.history[-1] == ("assistant", "a19")
+
+
+def test_add_turn_trim_never_leaves_orphan_assistant() -> None:
+    s = Session(id=1, max_history_turns=1)
+    s.add_turn("q0", "a0")
+    s.add_turn("q1", "")  # the answer was cancelled before any text
+    assert s.history[0][0] == "user"
+
+
+def test_cancel_generation_bumps() -> None:
+    s = Session(id=1)
+    assert s.cancel_generation() == 1 and s.cancel_generation() == 2 and s.generation == 2
+
+
+# ---------------------------------------------------------------- output format precedence
+
+
+def test_output_format_default_is_mulaw_8000() -> None:
+    assert Session(id=1).output_format() == ("mulaw", 8000, False)
+
+
+def test_output_format_session_default_used_when_request_has_none() -> None:
+    s = Session(id=1, output_encoding="linear16", output_sample_rate_hz=24000)
+    assert s.output_format() == ("linear16", 24000, False)
+    assert s.output_format(None, None) == ("linear16", 24000, False)
+
+
+def test_output_format_request_wins_over_session() -> None:
+    s = Session(id=1, output_encoding="linear16", output_sample_rate_hz=24000)
+    assert s.output_format("mulaw", 8000) == ("mulaw", 8000, False)
+    assert s.output_format("slin16", 16000) == ("linear16", 16000, False)
+
+
+def test_output_format_request_rate_only_uses_session_encoding() -> None:
+    s = Session(id=1, output_encoding="linear16", output_sample_rate_hz=24000)
+    assert s.output_format(None, 48000) == ("linear16", 48000, False)
+    assert s.output_format(None, 8000) == ("linear16", 8000, False)
+
+
+@pytest.mark.parametrize("session_enc", [None, "mulaw"])
+def test_output_format_rate_only_picks_the_encoding_that_has_it(session_enc: str | None) -> None:
+    s = Session(id=1, output_encoding=session_enc)
+    assert s.output_format(None, 16000) == ("linear16", 16000, False)
+    assert s.output_format(None, 22050) == ("linear16", 22050, False)
+    assert s.output_format(None, 8000) == ("mulaw", 8000, False)
+
+
+def test_output_format_request_encoding_only_uses_its_default_rate() -> None:
+    assert Session(id=1).output_format("linear16") == ("linear16", 16000, False)
+    assert Session(id=1).output_format("ulaw") == ("mulaw", 8000, False)
+
+
+def test_output_format_session_encoding_only_uses_its_default_rate() -> None:
+    assert Session(id=1, output_encoding="linear16").output_format() == ("linear16", 16000, False)
+
+
+@pytest.mark.parametrize(
+    ("session_enc", "session_rate", "enc", "rate"),
+    [
+        (None, None, "opus", None),
+        (None, None, "linear16", 11025),
+        (None, None, "mulaw", 16000),
+        ("speex", 8000, None, None),
+        ("linear16", 44100, None, None),
+        (None, None, None, 11025),  # a rate no encoding supports
+    ],
+)
+def test_output_format_unsupported_falls_back_to_default(
+    session_enc: str | None, session_rate: int | None, enc: str | None, rate: int | None
+) -> None:
+    s = Session(id=1, output_encoding=session_enc, output_sample_rate_hz=session_rate)
+    assert s.output_format(enc, rate) == ("mulaw", 8000, True)
+
+
+def test_reset_history_bumps_epoch() -> None:
+    s = Session(id=1, call_id="a")
+    s.add_turn("q", "a")
+    epoch = s.history_epoch
+    s.reset_history()
+    assert s.history == [] and s.history_epoch == epoch + 1
+    assert s.adopt_call_id("b") and s.history_epoch == epoch + 2
+
+
+def test_add_turn_from_before_a_reset_is_dropped() -> None:
+    s = Session(id=1, call_id="a")
+    epoch = s.history_epoch
+    s.adopt_call_id("b")  # a new call starts while the old answer is still being generated
+    s.add_turn("old question", "old answer", epoch)
+    assert s.history == []
+    s.add_turn("new question", "new answer", s.history_epoch)
+    assert s.history == [("user", "new question"), ("assistant", "new answer")]

@@ -97,6 +97,10 @@ class ServerConfig:
     max_frame_bytes: int = 8 * 1024 * 1024
     max_text_chars: int = 4000
     send_queue_max: int = 512
+    max_inflight_requests: int = 8
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    allowed_origins: tuple[str, ...] = ()
     tier: str | None = None
     log_level: str = "info"
     log_json: bool | None = None
@@ -221,6 +225,11 @@ def from_env(
         max_frame_bytes=_int(env, "LOCAL_WS_MAX_FRAME_BYTES", 8 * 1024 * 1024, 1024),
         max_text_chars=_int(env, "LOCAL_MAX_TEXT_CHARS", 4000, 16),
         send_queue_max=_int(env, "LOCAL_WS_SEND_QUEUE_MAX", 512, 16),
+        max_inflight_requests=_int(env, "LOCAL_WS_MAX_INFLIGHT", 8, 1),
+        tls_cert=_path(env, "LOCAL_WS_TLS_CERT"),
+        tls_key=_path(env, "LOCAL_WS_TLS_KEY"),
+        allowed_origins=tuple(o.strip() for o in (_get(env, "LOCAL_WS_ALLOWED_ORIGINS") or "").split(",")
+                              if o.strip()),
         tier=tier,
         log_level=(_get(env, "LOCAL_LOG_LEVEL") or "info").lower(),
         log_json=None if json_env is None else _bool(env, "LOCAL_LOG_JSON", False),
@@ -235,6 +244,11 @@ def validate(cfg: ServerConfig) -> None:
             f"refusing to listen on non-loopback host {cfg.host!r} without LOCAL_WS_AUTH_TOKEN; "
             "set a token (or bind to 127.0.0.1)"
         )
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        raise ConfigError("LOCAL_WS_TLS_CERT and LOCAL_WS_TLS_KEY must be set together")
+    for path in (cfg.tls_cert, cfg.tls_key):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"TLS file not found: {path}")
     if cfg.log_level not in ("debug", "info", "warning", "error", "critical"):
         raise ConfigError(f"LOCAL_LOG_LEVEL must be debug|info|warning|error, got {cfg.log_level!r}")
 

@@ -16,7 +16,7 @@ import structlog
 from . import protocol as P
 from .audio import StreamResampler, encode_output, mulaw_decode, normalize_input_format, pcm16_to_float32
 from .config import ServerConfig
-from .errors import Busy, Cancelled, NotReady, ServerError, UnsupportedAudio
+from .errors import Busy, Cancelled, NotReady, PayloadTooLarge, ServerError, UnsupportedAudio
 from .metrics import Metrics
 from .runtime import Engines
 from .session import Session
@@ -204,6 +204,11 @@ class SessionRunner:
                     self._last_partial_text = ""
                     self._last_partial_at_ms = 0.0
                 elif isinstance(ev, UtteranceEnd):
+                    if ev.reason == "max_length":
+                        # Transcribe what was said, but tell the client its utterance hit the cap.
+                        self.error(PayloadTooLarge(
+                            f"utterance longer than {self.cfg.stt.max_utterance_s:g} s; it was cut there",
+                            request_id=rid))
                     self._queue_final(ev, mode, rid)
             self._maybe_partial(mode, rid)
 
@@ -306,6 +311,8 @@ class SessionRunner:
         """Start an answer; a new voice turn cancels the voice turn still in flight (the caller spoke again)."""
         if kind == "voice" and self.voice_turn is not None and not self.voice_turn.cancelled:
             self.voice_turn.cancel()
+        elif kind != "voice":
+            self._check_inflight(request_id)
         turn = Turn(id=next(_turn_ids), kind=kind, request_id=request_id, timings=dict(timings or {}))
         turn.timings.setdefault("start", time.monotonic())
         turn.task = self._spawn(self._run_turn(turn, text, speak, stream_tokens, context))
@@ -447,6 +454,7 @@ class SessionRunner:
 
     def start_tts(self, req: P.TtsRequest) -> Turn:
         """Answer a tts_request in the background; a barge-in cancels it like an answer."""
+        self._check_inflight(req.request_id)
         turn = Turn(id=next(_turn_ids), kind="tts_request", request_id=req.request_id)
         turn.task = self._spawn(self._tts_request(turn, req))
         self.turns.add(turn)
@@ -468,6 +476,13 @@ class SessionRunner:
             return
         self.out.send_data(P.tts_response(req.text, payload, call_id=self.session.call_id, encoding=enc,
                                           sample_rate_hz=rate, request_id=req.request_id), turn)
+
+    def _check_inflight(self, request_id: P.RequestId) -> None:
+        """One connection may not queue unbounded work: past the cap, requests get `busy`."""
+        explicit = sum(1 for t in self.turns if t.kind != "voice" and not t.cancelled)
+        if explicit >= self.cfg.max_inflight_requests:
+            raise Busy(f"too many requests in flight on this connection (max {self.cfg.max_inflight_requests})",
+                       request_id=request_id)
 
     def _report_cancelled(self, turn: Turn) -> None:
         """Tell the requester of an explicit request that it will get no reply (voice turns have none)."""

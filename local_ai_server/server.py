@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import signal
+import ssl
 import time
 from http import HTTPStatus
 from typing import Any
@@ -17,12 +18,13 @@ from typing import Any
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
+from websockets.typing import Origin
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from . import protocol as P
 from .config import ServerConfig, cpu_count
-from .errors import InvalidField, ServerError
+from .errors import Busy, InvalidField, ServerError
 from .metrics import Metrics
 from .pipeline import SessionRunner, Turn
 from .runtime import FETCH_HINT, Engines
@@ -101,6 +103,7 @@ class VoiceServer:
         self.started = time.monotonic()
         self._server: Server | None = None
         self._bg: set[asyncio.Task[Any]] = set()
+        self._admin_task: asyncio.Task[Any] | None = None
         self.limits = P.Limits(max_text_chars=cfg.max_text_chars)
 
     # ------------------------------------------------------------------ lifecycle
@@ -111,6 +114,9 @@ class VoiceServer:
             self._handler,
             self.cfg.host,
             self.cfg.port,
+            ssl=self._ssl_context(),
+            # Browsers send Origin; other clients (telephony engines) do not, and stay allowed.
+            origins=self._origins(),
             process_request=self._process_request,
             max_size=self.cfg.max_frame_bytes,
             # Clients may not answer pings quickly (or at all): keepalive pings, never a ping timeout close.
@@ -138,6 +144,21 @@ class VoiceServer:
             task.cancel()
         await self.engines.close()
         log.info("server.stopped")
+
+    def _origins(self) -> list[Origin | None] | None:
+        """The Origin allow-list; connections without an Origin header are always allowed."""
+        if not self.cfg.allowed_origins:
+            return None
+        return [*(Origin(o) for o in self.cfg.allowed_origins), None]
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """TLS (wss://) when a certificate is configured."""
+        if self.cfg.tls_cert is None or self.cfg.tls_key is None:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.cfg.tls_cert, self.cfg.tls_key)
+        return ctx
 
     def _background(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -311,11 +332,20 @@ class VoiceServer:
                     changed=changed, request_id=msg.request_id, call_id=msg.call_id or session.call_id,
                     scope="session"))
             else:
-                self._background(self._switch_global(msg, runner))
+                self._admin(self._switch_global(msg, runner), msg.request_id)
         elif isinstance(msg, P.Reload):
-            self._background(self._reload(msg, runner))
+            self._admin(self._reload(msg, runner), msg.request_id)
         elif isinstance(msg, P.ToolContext):
             session.tool_context = dict(msg.payload)
+
+    def _admin(self, coro: Any, request_id: P.RequestId) -> None:
+        """Run one model switch/reload at a time; a second one while one runs gets `busy`."""
+        if self._admin_task is not None and not self._admin_task.done():
+            coro.close()
+            raise Busy("a model switch or reload is already in progress", request_id=request_id)
+        self._admin_task = asyncio.ensure_future(coro)
+        self._bg.add(self._admin_task)
+        self._admin_task.add_done_callback(self._bg.discard)
 
     def _adopt(self, call_id: str | None, session: Session, runner: SessionRunner) -> None:
         previous = session.call_id

@@ -1,0 +1,83 @@
+"""The per-connection writer: control overtakes data, cancelled turns are dropped, the queue is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from local_ai_server.pipeline import Turn
+from local_ai_server.server import ConnectionOutbox
+
+
+class FakeWs:
+    """Records frames; `gate` blocks sending like a client that stopped reading."""
+
+    def __init__(self) -> None:
+        self.frames: list[Any] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.closed: tuple[int, str] | None = None
+
+    async def send(self, frame: Any) -> None:
+        await self.gate.wait()
+        self.frames.append(json.loads(frame) if isinstance(frame, str) else frame)
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+
+async def _drain(ws: FakeWs, n: int) -> None:
+    for _ in range(200):
+        if len(ws.frames) >= n:
+            return
+        await asyncio.sleep(0.005)
+
+
+async def test_control_overtakes_queued_data_and_pairs_stay_together() -> None:
+    ws = FakeWs()
+    out = ConnectionOutbox(ws, max_items=100)  # type: ignore[arg-type]
+    turn = Turn(id=1, kind="voice", request_id=None)
+    ws.gate.clear()
+    writer = asyncio.ensure_future(out.run())
+    out.send_data({"type": "stt_result"})
+    await asyncio.sleep(0.01)  # the writer is now blocked sending stt_result
+    out.send_audio({"type": "tts_audio"}, b"\x01\x02", turn)
+    out.send_control({"type": "status_response"})
+    ws.gate.set()
+    await _drain(ws, 4)
+    kinds = [f["type"] if isinstance(f, dict) else "binary" for f in ws.frames]
+    assert kinds == ["stt_result", "status_response", "tts_audio", "binary"]
+    writer.cancel()
+
+
+async def test_cancelled_turn_data_is_dropped_unsent() -> None:
+    ws = FakeWs()
+    out = ConnectionOutbox(ws, max_items=100)  # type: ignore[arg-type]
+    turn = Turn(id=1, kind="voice", request_id=None)
+    ws.gate.clear()
+    writer = asyncio.ensure_future(out.run())
+    out.send_data({"type": "first"})
+    await asyncio.sleep(0.01)
+    out.send_audio({"type": "tts_audio"}, b"\x00\x00", turn)
+    out.send_data({"type": "llm_response"}, turn)
+    turn.cancelled = True  # barge-in happens while the frames wait in the queue
+    out.send_control({"type": "barge_in_ack"})
+    ws.gate.set()
+    await _drain(ws, 2)
+    await asyncio.sleep(0.02)
+    assert [f["type"] for f in ws.frames] == ["first", "barge_in_ack"]
+    writer.cancel()
+
+
+async def test_a_client_that_stops_reading_is_closed_1008_and_memory_stays_bounded() -> None:
+    ws = FakeWs()
+    out = ConnectionOutbox(ws, max_items=16)  # type: ignore[arg-type]
+    ws.gate.clear()
+    writer = asyncio.ensure_future(out.run())
+    for i in range(1000):
+        out.send_data({"type": "llm_token", "i": i})
+    await asyncio.sleep(0.01)
+    assert len(out._data) <= 16
+    assert ws.closed is not None and ws.closed[0] == 1008
+    writer.cancel()

@@ -18,9 +18,9 @@ from typing import Any
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.typing import Origin
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.typing import Origin
 
 from . import protocol as P
 from .config import ServerConfig, cpu_count

@@ -6,8 +6,9 @@ import asyncio
 import json
 import ssl
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest

@@ -90,6 +90,7 @@ class SessionRunner:
         self._audio_since_final = False
         self._stt_unavailable_sent = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
 
     # ------------------------------------------------------------------ helpers
 
@@ -173,7 +174,9 @@ class SessionRunner:
     async def _speech_loop(self) -> None:
         """Segment the stream; launch partials; queue finals; flush after the idle timeout."""
         idle_s = self.cfg.stt.idle_ms / 1000.0
-        while True:
+        # The flag, not only cancellation, ends the loop: before Python 3.12, wait_for can swallow a
+        # cancellation that arrives just as the queue yields an item.
+        while not self._closed:
             if self.engines.vad is None or self.engines.stt_state.state in ("missing", "failed"):
                 await self._drain_without_stt()
                 continue
@@ -263,11 +266,12 @@ class SessionRunner:
 
     async def _finals_loop(self) -> None:
         """Transcribe utterances in order and act on each final."""
-        while True:
+        while not self._closed:
             ev, mode, rid, ended_at = await self._finals_q.get()
             if self._partial_task is not None and not self._partial_task.done():
-                with contextlib.suppress(BaseException):
-                    await self._partial_task  # keeps the STT thread for the final, and partials before finals
+                # Partials before finals, and the STT thread free for the final. asyncio.wait neither raises
+                # the partial's outcome nor swallows our own cancellation (which must end this loop).
+                await asyncio.wait([self._partial_task])
             if ev is None:
                 self.out.send_data(P.stt_result("", call_id=self.session.call_id, mode=mode, is_final=True,
                                                 request_id=rid))
@@ -512,8 +516,11 @@ class SessionRunner:
 
     async def close(self) -> None:
         """The connection closed: cancel everything this session had in flight."""
+        self._closed = True
         self.cancel_all()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            _done, pending = await asyncio.wait(list(self._tasks), timeout=5)
+            if pending:
+                log.warning("session.tasks_not_stopped", session=self.session.id, pending=len(pending))

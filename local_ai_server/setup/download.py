@@ -229,7 +229,7 @@ class _Job:
             return
         if self.size is not None and total != self.size:
             what = "more than" if total > self.size else "fewer than"
-            raise _NextUrl(f"server has {total} bytes, {what} the expected {self.size}")
+            raise _NextUrl(f"server has {total} bytes, {what} the expected {self.size} bytes")
         self.total = total
 
     def _receive(self, response: http.client.HTTPResponse, expected: int | None) -> None:

@@ -1,4 +1,5 @@
-"""Fixtures for installer tests: tiny real wheels and a real local PEP 503 index over HTTP."""
+"""Fixtures for installer tests: tiny real wheels, a real local PEP 503 index over HTTP, and a
+file server with Range support and per-request fault injection."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import hashlib
 import json
 import os
 import re
+import socket
+import struct
 import threading
 import zipfile
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -225,3 +229,156 @@ def tiny(tmp_path: Path, index_server: IndexServer) -> TinySetup:
     index_server.add_wheel(wheel)
     wheel_sha = sha256(wheel.read_bytes())
     return TinySetup(index_server, wheel, wheel_sha, registry_doc(wheel_sha), tmp_path / "models")
+
+
+# --- a file server with Range support and fault injection ---------------------------------------
+
+
+@dataclass
+class Fault:
+    """What one request gets instead of a clean answer; unset fields mean "behave normally"."""
+
+    status: int | None = None  # answer with this error status and an empty body
+    drop_after: int | None = None  # send this many body bytes, then reset the connection (RST)
+    truncate_after: int | None = None  # send this many body bytes, then close cleanly (short body)
+    stall_after: int | None = None  # send this many body bytes, then go silent for stall_s
+    stall_s: float = 3.0
+    ignore_range: bool = False  # answer 200 with the whole body even to a Range request
+    body: bytes | None = None  # serve these bytes instead of the file
+    no_length: bool = False  # omit Content-Length; the body ends when the connection closes
+    # Before a drop, wait until the client says it has read the bytes: otherwise the RST could
+    # overtake data still in flight and the resume offset would depend on timing.
+    wait: threading.Event | None = None
+
+
+@dataclass
+class Served:
+    """One request as the server saw it."""
+
+    path: str
+    range: str | None
+    status: int
+    sent: int = 0
+
+
+@dataclass
+class FaultServer:
+    """A real HTTP server on 127.0.0.1 serving files with Range support; `plan` injects faults."""
+
+    base_url: str = ""
+    files: dict[str, bytes] = field(default_factory=dict)
+    plan: dict[str, list[Fault]] = field(default_factory=dict)
+    served: list[Served] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def add(self, path: str, data: bytes, *faults: Fault) -> str:
+        """Serve `data` at `path`; the first requests get `faults`, one each, in order; return the URL."""
+        self.files[path] = data
+        self.plan[path] = list(faults)
+        return self.url(path)
+
+    def url(self, path: str) -> str:
+        """Full URL of `path` (served or not)."""
+        return self.base_url + path
+
+    def requests(self, path: str | None = None) -> list[Served]:
+        """Requests so far, optionally only those for `path`."""
+        with self.lock:
+            return [r for r in self.served if path is None or r.path == path]
+
+    def bytes_sent(self, path: str) -> int:
+        """Body bytes sent for `path` over all requests."""
+        return sum(r.sent for r in self.requests(path))
+
+
+def _fault_handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = urlsplit(self.path).path
+            asked = self.headers.get("Range")
+            with server.lock:
+                queue = server.plan.get(path)
+                fault = queue.pop(0) if queue else Fault()
+                data = server.files.get(path)
+            if fault.status is not None or data is None:
+                self._empty(path, asked, fault.status or 404)
+                return
+            body = fault.body if fault.body is not None else data
+            status, start = 200, 0
+            match = re.fullmatch(r"bytes=(\d+)-", asked or "")
+            if match and not fault.ignore_range:
+                start = int(match.group(1))
+                if start >= len(body):
+                    self._empty(path, asked, 416, {"Content-Range": f"bytes */{len(body)}"})
+                    return
+                status = 206
+            payload = body[start:]
+            record = Served(path, asked, status)
+            with server.lock:
+                server.served.append(record)
+            self.send_response(status)
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            if not fault.no_length:
+                self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            cut = next((n for n in (fault.drop_after, fault.truncate_after, fault.stall_after) if n is not None), None)
+            self._send(record, payload if cut is None else payload[:cut])
+            if fault.drop_after is not None:
+                if fault.wait is not None:
+                    fault.wait.wait(5)
+                # SO_LINGER 0 makes close() send RST: an abrupt drop, not an orderly end of body.
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+            elif fault.stall_after is not None:
+                server.stop.wait(fault.stall_s)
+
+        def _send(self, record: Served, data: bytes) -> None:
+            # Counted before writing so a test never races the handler thread for the total.
+            with server.lock:
+                record.sent += len(data)
+            with suppress(OSError):  # the client may have given up (stall, oversize) already
+                self.wfile.write(data)
+                self.wfile.flush()
+
+        def _empty(self, path: str, asked: str | None, status: int, headers: dict[str, str] | None = None) -> None:
+            with server.lock:
+                server.served.append(Served(path, asked, status))
+            self.send_response(status)
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def finish(self) -> None:
+            with suppress(OSError):  # after an injected RST the socket is already closed
+                super().finish()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # injected faults make the client hang up mid-response; that is the point
+
+
+@pytest.fixture
+def fault_server() -> Iterator[FaultServer]:
+    """A running FaultServer on an ephemeral port, shut down after the test."""
+    server = FaultServer()
+    httpd = _QuietServer(("127.0.0.1", 0), _fault_handler(server))
+    server.base_url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    # A short poll interval keeps shutdown (and so each test) from idling 0.5 s.
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stop.set()  # wakes stalled handlers
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Any
@@ -24,8 +24,11 @@ _URL_SCHEMES = ("https://", "http://", "file://")
 
 _TOP_KEYS = {"schema_version", "tiers", "models"}
 _TIER_KEYS = {"description", "requirements", "models"}
+_TIER_OPTIONAL = {"rank"}
 _MODEL_REQUIRED = {"id", "role", "display", "license", "dest", "files"}
 _MODEL_OPTIONAL = {
+    "params_b",
+    "sha256_source",
     "format",
     "language",
     "quantization",
@@ -37,8 +40,17 @@ _MODEL_OPTIONAL = {
     "notes",
 }
 _OPT_INT = ("sample_rate_hz", "context_length")
-_OPT_STR = tuple(sorted(_MODEL_OPTIONAL - set(_OPT_INT)))
+_OPT_STR = tuple(sorted(_MODEL_OPTIONAL - set(_OPT_INT) - {"params_b"}))
 _FILE_KEYS = {"path", "size_bytes", "sha256", "sources"}
+_FILE_OPTIONAL = {"verify"}
+# How a file's bytes are checked. "sha256": against the sha256 pinned in the registry.
+# "hf-lfs-metadata": the registry pins no hash (sha256 null); before downloading, the installer
+# reads sha256 and size from the hub's LFS metadata (https://huggingface.co/api/models/{repo}/tree/{rev},
+# `lfs.oid` and `lfs.size`) and the download is then verified against that, as for a pinned file.
+VERIFY_PINNED = "sha256"
+VERIFY_HF_LFS = "hf-lfs-metadata"
+VERIFY_KINDS = (VERIFY_PINNED, VERIFY_HF_LFS)
+HF_RESOLVE_RE = re.compile(r"^https://huggingface\.co/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>[^?#]+)")
 _URL_KEYS = {"kind", "url"}
 _WHEEL_KEYS = {"kind", "package", "version", "wheel_sha256", "member"}
 
@@ -92,8 +104,25 @@ class ModelFile:
 
     path: str
     size_bytes: int
+    # Empty only while a file with verify="hf-lfs-metadata" is unresolved; an empty hash never
+    # matches any bytes, so an unresolved file can never pass verification by accident.
     sha256: str
     sources: tuple[Source, ...]
+    verify: str = VERIFY_PINNED
+
+    @property
+    def pinned(self) -> bool:
+        """True when the expected sha256 is known (pinned in the registry or already resolved)."""
+        return bool(self.sha256)
+
+    def hf_location(self) -> tuple[str, str, str] | None:
+        """(repo, revision, path in repo) of the first Hugging Face URL source, if any."""
+        for source in self.sources:
+            if isinstance(source, UrlSource):
+                match = HF_RESOLVE_RE.match(source.url)
+                if match:
+                    return match.group("repo"), match.group("rev"), match.group("path")
+        return None
 
 
 @dataclass(frozen=True)
@@ -115,11 +144,18 @@ class Model:
     context_length: int | None = None
     homepage: str | None = None
     notes: str | None = None
+    params_b: float | None = None
+    sha256_source: str | None = None
 
     @property
     def size_bytes(self) -> int:
         """Total bytes of all the model's files."""
         return sum(f.size_bytes for f in self.files)
+
+    @property
+    def file_bytes(self) -> int:
+        """Bytes of the weights file (the largest file): what a decode step streams from memory."""
+        return max(f.size_bytes for f in self.files)
 
 
 @dataclass(frozen=True)
@@ -130,6 +166,8 @@ class Tier:
     description: str
     requirements: Mapping[str, float | int | bool]
     models: Mapping[str, str]
+    # Preference order for automatic choice: the planner picks the highest rank that fits.
+    rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -157,6 +195,32 @@ class Registry:
     def tier_files(self, name: str) -> list[ModelFile]:
         """Every file tier `name` needs, in registry order (stt, llm, tts)."""
         return [f for model in self.tier_models(name).values() for f in model.files]
+
+    def unpinned_files(self, name: str) -> list[ModelFile]:
+        """Files of tier `name` whose sha256 must still be resolved before they can be fetched."""
+        return [f for f in self.tier_files(name) if not f.pinned]
+
+    def with_resolved_hashes(self, name: str, lookup: Callable[[ModelFile], tuple[str, int]]) -> Registry:
+        """A copy where every unpinned file of tier `name` carries the sha256 `lookup` returns.
+
+        `lookup(file)` returns (sha256, size) from the publisher's metadata; a malformed hash or
+        a size that disagrees with the registry raises RegistryError instead of being trusted.
+        """
+        resolved: dict[str, ModelFile] = {}
+        for f in self.unpinned_files(name):
+            sha, size = lookup(f)
+            sha = sha.strip().lower()
+            if not _SHA256_RE.match(sha):
+                raise RegistryError(f"{f.path}: hash metadata gave {sha!r}, not a sha256")
+            if size != f.size_bytes:
+                raise RegistryError(f"{f.path}: hash metadata says {size} bytes, registry says {f.size_bytes}")
+            resolved[f.path] = replace(f, sha256=sha)
+        if not resolved:
+            return self
+        models = {
+            key: replace(m, files=tuple(resolved.get(f.path, f) for f in m.files)) for key, m in self.models.items()
+        }
+        return replace(self, models=MappingProxyType(models))
 
 
 def load_registry(path: str | Path) -> Registry:
@@ -225,7 +289,10 @@ def _tier(name: str, raw: Any, models: Mapping[str, Model]) -> Tier:
     if not _ID_RE.match(name):
         raise _Invalid(f"{where}: name must be letters, digits, '.', '_' or '-'")
     obj = _object(raw, where)
-    _keys(obj, where, required=_TIER_KEYS, optional=set())
+    _keys(obj, where, required=_TIER_KEYS, optional=_TIER_OPTIONAL)
+    rank = obj.get("rank", 0)
+    if type(rank) is not int or rank < 0:
+        raise _Invalid(f"{where}.rank must be a non-negative integer, got {rank!r}")
     description = _string(obj["description"], f"{where}.description")
     req_obj = _object(obj["requirements"], f"{where}.requirements")
     requirements: dict[str, float | int | bool] = {}
@@ -250,6 +317,7 @@ def _tier(name: str, raw: Any, models: Mapping[str, Model]) -> Tier:
         description=description,
         requirements=MappingProxyType(requirements),
         models=MappingProxyType(roles),
+        rank=rank,
     )
 
 
@@ -283,6 +351,10 @@ def _model(key: str, raw: Any) -> Model:
         raise _Invalid(f"{where}: a tts model needs sample_rate_hz")
     if role == "llm" and "chat_format" not in opt_str:
         raise _Invalid(f"{where}: an llm model needs chat_format")
+    params_b = obj.get("params_b")
+    if params_b is not None and (isinstance(params_b, bool) or not isinstance(params_b, (int, float))
+                                 or params_b <= 0):
+        raise _Invalid(f"{where}.params_b must be a positive number (billions of parameters), got {params_b!r}")
     return Model(
         id=model_id,
         role=role,
@@ -299,12 +371,14 @@ def _model(key: str, raw: Any) -> Model:
         context_length=opt_int.get("context_length"),
         homepage=opt_str.get("homepage"),
         notes=opt_str.get("notes"),
+        params_b=None if params_b is None else float(params_b),
+        sha256_source=opt_str.get("sha256_source"),
     )
 
 
 def _file(raw: Any, where: str) -> ModelFile:
     obj = _object(raw, where)
-    _keys(obj, where, required=_FILE_KEYS, optional=set())
+    _keys(obj, where, required=_FILE_KEYS, optional=_FILE_OPTIONAL)
     path = _relpath(obj["path"], f"{where}.path")
     if path in RESERVED_PATHS or path.endswith(".part") or path.startswith("."):
         # .part files and dot-dirs are the fetcher's scratch space; selected.json is the selection.
@@ -313,11 +387,25 @@ def _file(raw: Any, where: str) -> ModelFile:
     sources_raw = obj["sources"]
     if not isinstance(sources_raw, list) or not sources_raw:
         raise _Invalid(f"{where}.sources must be a non-empty list")
+    sources = tuple(_source(s, f"{where}.sources[{i}]") for i, s in enumerate(sources_raw))
+    verify = obj.get("verify", VERIFY_PINNED)
+    if verify not in VERIFY_KINDS:
+        raise _Invalid(f"{where}.verify must be one of {', '.join(VERIFY_KINDS)}, got {verify!r}")
+    if verify == VERIFY_PINNED:
+        sha = _sha256(obj["sha256"], f"{where}.sha256")
+    else:
+        # Never silently unverified: no pinned hash is allowed only where the hub can supply one.
+        if obj["sha256"] is not None:
+            raise _Invalid(f"{where}.sha256 must be null when verify is {verify!r} (or drop verify to pin it)")
+        if not any(isinstance(s, UrlSource) and HF_RESOLVE_RE.match(s.url) for s in sources):
+            raise _Invalid(f"{where}: verify {verify!r} needs a https://huggingface.co/.../resolve/... source")
+        sha = ""
     return ModelFile(
         path=path,
         size_bytes=_positive_int(obj["size_bytes"], f"{where}.size_bytes"),
-        sha256=_sha256(obj["sha256"], f"{where}.sha256"),
-        sources=tuple(_source(s, f"{where}.sources[{i}]") for i, s in enumerate(sources_raw)),
+        sha256=sha,
+        sources=sources,
+        verify=verify,
     )
 
 

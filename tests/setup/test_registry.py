@@ -13,6 +13,7 @@ import pytest
 
 from local_ai_server.setup.registry import (
     ROLES,
+    ModelFile,
     PypiWheelSource,
     Registry,
     RegistryError,
@@ -99,7 +100,9 @@ def test_embedded_tier_layout(real: Registry) -> None:
 
 def test_tier_lookup_is_case_insensitive(real: Registry) -> None:
     assert real.tier("EMBEDDED") is real.tier("embedded") is real.tier(" Embedded ")
-    with pytest.raises(RegistryError, match=r"unknown tier 'nope' \(known tiers: embedded\)"):
+    assert real.tier("light_cpu") is real.tier("LIGHT_CPU")
+    # The message lists every tier; the registry grew CPU and GPU tiers beside embedded.
+    with pytest.raises(RegistryError, match=r"unknown tier 'nope' \(known tiers: embedded, LIGHT_CPU, .*HEAVY_GPU\)"):
         real.tier("nope")
 
 
@@ -274,3 +277,140 @@ def test_default_paths(tmp_path: Path) -> None:
     assert repo_root() == REPO
     assert default_models_dir({}) == REPO / "models"
     assert default_registry_path({}) == REAL_REGISTRY
+
+
+# --- the tiered registry: schema honesty ------------------------------------------------------------
+
+TIERS = ("embedded", "LIGHT_CPU", "MEDIUM_CPU", "HEAVY_CPU", "MEDIUM_GPU", "HEAVY_GPU")
+
+
+def test_real_registry_has_every_tier_with_requirements(real: Registry) -> None:
+    assert [t.name for t in real.tiers.values()] == list(TIERS)
+    ranks = [real.tier(name).rank for name in TIERS]
+    assert ranks == sorted(ranks) and len(set(ranks)) == len(ranks)
+    for tier in real.tiers.values():
+        req = tier.requirements
+        for key in ("min_ram_gb", "min_cpu_cores", "min_disk_gb"):
+            assert isinstance(req[key], (int, float)) and req[key] > 0, (tier.name, key)
+        assert req["gpu"] is tier.name.endswith("_GPU")
+        if tier.name.endswith("_GPU"):
+            assert req["min_vram_gb"] > 0
+        if tier.name != "embedded":
+            assert req["min_decode_tok_s"] > 0 and req["max_first_audio_ms"] > 0
+            # The disk requirement must cover what the tier downloads.
+            assert req["min_disk_gb"] * 1e9 > sum(f.size_bytes for f in real.tier_files(tier.name))
+
+
+def test_real_registry_models_state_their_facts(real: Registry) -> None:
+    for model in real.models.values():
+        assert model.license and model.sha256_source, model.id
+        assert model.params_b is not None and model.params_b > 0, model.id
+        assert model.file_bytes == max(f.size_bytes for f in model.files)
+        if model.role == "llm":
+            assert model.quantization and model.chat_format and model.context_length, model.id
+            assert model.params_b < 13  # nothing in this registry is a 13B-class model
+
+
+def test_real_registry_every_file_is_verifiable(real: Registry) -> None:
+    for model in real.models.values():
+        for f in model.files:
+            assert f.size_bytes > 0
+            if f.verify == "sha256":
+                assert HEX64.match(f.sha256), f.path
+            else:
+                # No pinned hash is allowed only with a stated way to get one before downloading.
+                assert f.verify == "hf-lfs-metadata" and f.sha256 == "" and f.hf_location() is not None
+            for source in f.sources:
+                if isinstance(source, UrlSource):
+                    assert source.url.startswith("https://huggingface.co/")
+                    assert "/resolve/main/" in source.url
+
+
+def test_real_registry_llm_sizes_grow_with_tiers(real: Registry) -> None:
+    cpu = [real.tier_models(t)["llm"].file_bytes for t in ("embedded", "LIGHT_CPU", "MEDIUM_CPU", "HEAVY_CPU")]
+    assert cpu == sorted(cpu)
+    assert real.tier_models("HEAVY_GPU")["llm"].file_bytes > real.tier_models("MEDIUM_GPU")["llm"].file_bytes
+
+
+def _unpinned_doc() -> dict[str, Any]:
+    doc = registry_doc("ab" * 32)
+    f = _llm_file(doc)
+    f["sha256"] = None
+    f["verify"] = "hf-lfs-metadata"
+    f["sources"] = [{"kind": "url", "url": "https://huggingface.co/org/repo/resolve/main/sub/tiny.gguf"}]
+    return doc
+
+
+def test_unpinned_file_needs_an_explicit_verify_method_and_resolves() -> None:
+    registry = parse_registry(_unpinned_doc())
+    [f] = registry.unpinned_files("tiny")
+    assert f.verify == "hf-lfs-metadata" and not f.pinned
+    assert f.hf_location() == ("org/repo", "main", "sub/tiny.gguf")
+    seen: list[ModelFile] = []
+
+    def lookup(file: ModelFile) -> tuple[str, int]:
+        seen.append(file)
+        return "CD" * 32, file.size_bytes
+
+    resolved = registry.with_resolved_hashes("tiny", lookup)
+    assert seen == [f]
+    assert resolved.unpinned_files("tiny") == []
+    assert resolved.models["tiny-llm"].files[0].sha256 == "cd" * 32
+    assert registry.unpinned_files("tiny") == [f]  # the original is untouched
+    assert resolved.with_resolved_hashes("tiny", lookup) is resolved
+
+
+@pytest.mark.parametrize(("answer", "fragment"), [(("zz", 0), "not a sha256"), (("ab" * 32, 1), "registry says")])
+def test_resolved_hash_must_be_well_formed_and_agree_on_size(answer: tuple[str, int], fragment: str) -> None:
+    registry = parse_registry(_unpinned_doc())
+    size = registry.unpinned_files("tiny")[0].size_bytes
+    sha, delta = answer
+    with pytest.raises(RegistryError, match=fragment):
+        registry.with_resolved_hashes("tiny", lambda f: (sha, size + delta))
+
+
+UNPINNED_BAD: dict[str, tuple[Mutation, str]] = {
+    "null sha256 without verify": (_set([*LLM_FILE, "verify"], "sha256"), "sha256 must be 64 lower-case hex"),
+    "unknown verify kind": (_set([*LLM_FILE, "verify"], "trust-me"), "verify must be one of"),
+    "verify with a pinned hash": (_set([*LLM_FILE, "sha256"], "ab" * 32), "must be null when verify"),
+    "verify without a hub source": (
+        _set([*LLM_FILE, "sources"], [{"kind": "url", "url": "https://example.com/tiny.gguf"}]),
+        "needs a https://huggingface.co/",
+    ),
+    "bad rank": (_set(["tiers", "tiny", "rank"], -1), "rank must be a non-negative integer"),
+    "bad params": (_set(["models", "tiny-llm", "params_b"], 0), "params_b must be a positive number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNPINNED_BAD))
+def test_bad_verification_schema_is_rejected(case: str) -> None:
+    mutate, fragment = UNPINNED_BAD[case]
+    doc = _unpinned_doc()
+    mutate(doc)
+    with pytest.raises(RegistryError, match=re.escape(fragment)):
+        parse_registry(doc)
+
+
+def test_hf_lfs_lookup_reads_the_tree_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import urllib.request
+
+    import model_setup
+
+    requested: list[str] = []
+    listing = [
+        {"type": "file", "path": "sub/tiny.gguf", "size": 9, "lfs": {"oid": "ef" * 32, "size": 9}},
+        {"type": "file", "path": "sub/config.json", "size": 2},
+    ]
+
+    def fake_urlopen(request: urllib.request.Request, timeout: float) -> io.BytesIO:
+        requested.append(request.full_url)
+        return io.BytesIO(json.dumps(listing).encode())
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    f = parse_registry(_unpinned_doc()).unpinned_files("tiny")[0]
+    assert model_setup.hf_lfs_lookup(f) == ("ef" * 32, 9)
+    assert requested == ["https://huggingface.co/api/models/org/repo/tree/main/sub"]
+    listing[0].pop("lfs")
+    with pytest.raises(Exception, match="refusing to download it unverified"):
+        model_setup.hf_lfs_lookup(f)

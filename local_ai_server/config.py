@@ -47,6 +47,7 @@ class SttConfig:
     concurrency: int = 1
     idle_ms: int = 5000
     partial_interval_ms: int = 900
+    speculate_ms: int = 200
     silence_ms: int = 500
     # RMS of a 32 ms window on the int16 scale below which a window never counts as speech.
     energy_threshold: int = 100
@@ -191,6 +192,7 @@ def from_env(
         language=_get(env, "LOCAL_STT_LANGUAGE") or "en",
         idle_ms=_int(env, "LOCAL_STT_IDLE_MS", 5000, 100),
         partial_interval_ms=_int(env, "LOCAL_STT_PARTIAL_MS", 900, 0),
+        speculate_ms=_int(env, "LOCAL_STT_SPECULATE_MS", 200, 0),
         silence_ms=_int(env, "LOCAL_STT_SEGMENT_SILENCE_MS", 500, 50),
         energy_threshold=_int(env, "LOCAL_STT_SEGMENT_ENERGY_THRESHOLD", 100, 0),
         max_utterance_s=_float(env, "LOCAL_STT_MAX_UTTERANCE_S", 30.0),

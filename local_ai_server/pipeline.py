@@ -16,6 +16,7 @@ import structlog
 from . import protocol as P
 from .audio import StreamResampler, encode_output, mulaw_decode, normalize_input_format, pcm16_to_float32
 from .config import ServerConfig
+from .engines.stt import Transcript
 from .errors import Busy, Cancelled, NotReady, PayloadTooLarge, ServerError, UnsupportedAudio
 from .metrics import Metrics
 from .runtime import Engines
@@ -78,7 +79,10 @@ class SessionRunner:
         self._audio_q: asyncio.Queue[tuple[tuple[bytes, str, int], str, P.RequestId]] = asyncio.Queue(
             AUDIO_QUEUE_FRAMES)
         self._speech_task: asyncio.Task[None] | None = None
-        self._finals_q: asyncio.Queue[tuple[UtteranceEnd | None, str, P.RequestId, float]] = asyncio.Queue()
+        # (utterance end, mode, request id, end time, speculative transcription of exactly that audio)
+        self._finals_q: asyncio.Queue[
+            tuple[UtteranceEnd | None, str, P.RequestId, float, asyncio.Task[Transcript] | None]] = asyncio.Queue()
+        self._spec: tuple[tuple[int, int], asyncio.Task[Transcript]] | None = None
         self._finals_task: asyncio.Task[None] | None = None
         self._segmenter: Segmenter | None = None
         self._resampler: StreamResampler | None = None
@@ -213,6 +217,7 @@ class SessionRunner:
                             f"utterance longer than {self.cfg.stt.max_utterance_s:g} s; it was cut there",
                             request_id=rid))
                     self._queue_final(ev, mode, rid)
+            self._maybe_speculate()
             self._maybe_partial(mode, rid)
 
     async def _drain_without_stt(self) -> None:
@@ -225,7 +230,28 @@ class SessionRunner:
     def _queue_final(self, ev: UtteranceEnd | None, mode: str, rid: P.RequestId) -> None:
         self._audio_since_final = False
         self._utterance_no += 1  # invalidates partials still running for this utterance
-        self._finals_q.put_nowait((ev, mode, rid, time.monotonic()))
+        spec = None
+        if ev is not None and self._spec is not None and self._spec[0] == ev.key:
+            spec = self._spec[1]
+        self._spec = None
+        self._finals_q.put_nowait((ev, mode, rid, time.monotonic(), spec))
+
+    def _maybe_speculate(self) -> None:
+        """Once the tail of silence is in, transcribe what the final will be while the silence window runs.
+
+        If the caller stays silent, the final is ready (or nearly) when the utterance ends; if they speak
+        again the result is dropped. Saves up to one transcription's time on every turn.
+        """
+        seg = self._segmenter
+        spec_ms = self.cfg.stt.speculate_ms
+        if seg is None or not seg.in_speech or spec_ms <= 0 or self.engines.stt is None:
+            return
+        if seg.silence_ms < max(spec_ms, seg.settings.tail_ms):
+            return
+        key = seg.pending_final_key()
+        if self._spec is not None and self._spec[0] == key:
+            return
+        self._spec = (key, self._spawn(self.engines.transcribe(seg.pending_final_audio(), "final")))
 
     def _on_idle(self) -> None:
         """No audio for LOCAL_STT_IDLE_MS: end the utterance in progress (or send an empty stt final)."""
@@ -241,8 +267,10 @@ class SessionRunner:
         interval = self.cfg.stt.partial_interval_ms
         if seg is None or not seg.in_speech or interval <= 0 or self.engines.stt is None:
             return
+        if seg.silence_ms > 0 or self.engines.stt_inflight > 0:
+            return  # a pause may be the end: the STT thread is kept for the final (finals before partials)
         if self._partial_task is not None and not self._partial_task.done():
-            return  # one partial at a time per session; the final matters more
+            return  # one partial at a time per session
         if not self._finals_q.empty():
             return
         if seg.speech_ms - self._last_partial_at_ms < interval:
@@ -267,18 +295,23 @@ class SessionRunner:
     async def _finals_loop(self) -> None:
         """Transcribe utterances in order and act on each final."""
         while not self._closed:
-            ev, mode, rid, ended_at = await self._finals_q.get()
-            if self._partial_task is not None and not self._partial_task.done():
-                # Partials before finals, and the STT thread free for the final. asyncio.wait neither raises
-                # the partial's outcome nor swallows our own cancellation (which must end this loop).
-                await asyncio.wait([self._partial_task])
+            ev, mode, rid, ended_at, spec = await self._finals_q.get()
+            # A partial still running for this utterance is dropped when it completes (its utterance number
+            # is stale), so partials never follow their final.
             if ev is None:
                 self.out.send_data(P.stt_result("", call_id=self.session.call_id, mode=mode, is_final=True,
                                                 request_id=rid))
                 continue
             t0 = time.monotonic()
             try:
-                result = await self.engines.transcribe(ev.audio, "final")
+                result = None
+                if spec is not None:
+                    try:
+                        result = await spec
+                    except ServerError:
+                        result = None
+                if result is None:
+                    result = await self.engines.transcribe(ev.audio, "final")
             except NotReady:
                 self.out.send_data(P.stt_result("", call_id=self.session.call_id, mode=mode, is_final=True,
                                                 request_id=rid, error="stt_unavailable"))
@@ -291,7 +324,8 @@ class SessionRunner:
             self.metrics.turn_seconds.labels("stt").observe(stt_ms / 1000)
             text = result.text.strip()
             log.info("stt.final", session=self.session.id, call_id=self.session.call_id, chars=len(text),
-                     audio_s=round(result.audio_s, 2), stt_ms=round(stt_ms, 1), reason=ev.reason)
+                     audio_s=round(result.audio_s, 2), stt_ms=round(stt_ms, 1), reason=ev.reason,
+                     speculative=spec is not None)
             if mode == "stt" or text:
                 self.out.send_data(P.stt_result(text, call_id=self.session.call_id, mode=mode, is_final=True,
                                                 confidence=result.confidence, request_id=rid))
@@ -344,7 +378,9 @@ class SessionRunner:
             return
         sentences: asyncio.Queue[tuple[str, bool] | None] = asyncio.Queue()
         speaker = self._spawn(self._speak(turn, sentences, enc, rate)) if speak else None
-        splitter = SentenceSplitter(first_clause_chars=40)
+        # The first piece may be a clause (cut at a comma once 20 characters are in): the first audio is
+        # what the caller waits for, later pieces are synthesized while earlier ones play.
+        splitter = SentenceSplitter(first_clause_chars=20)
         parts: list[str] = []
         try:
             async with contextlib.aclosing(job.stream()) as stream:

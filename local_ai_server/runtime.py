@@ -66,6 +66,7 @@ class Engines:
         self.pool = self._make_pool(cfg.llm.model_path)
         self.warming = True
         self.started_at = time.time()
+        self.stt_inflight = 0  # transcriptions queued or running: partials yield to finals
         # Server-wide system prompt: global switch_model may replace the configured one at run time.
         self.default_prompt = cfg.llm.system_prompt
 
@@ -204,7 +205,11 @@ class Engines:
         if stt is None:
             raise NotReady(self.stt_state.error or "STT is not ready")
         t0 = time.perf_counter()
-        result = await asyncio.get_running_loop().run_in_executor(self.stt_exec, stt.transcribe, audio)
+        self.stt_inflight += 1
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self.stt_exec, stt.transcribe, audio)
+        finally:
+            self.stt_inflight -= 1
         self.metrics.stt_seconds.labels(kind).observe(time.perf_counter() - t0)
         return result
 

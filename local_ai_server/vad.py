@@ -91,6 +91,8 @@ class UtteranceEnd:
     reason: str  # "silence" | "max_length" | "flush"
     speech_ms: float
     at_ms: float
+    # Identifies the audio: equal keys mean equal audio (see Segmenter.pending_final_key).
+    key: tuple[int, int] = (0, 0)
 
 
 Event = UtteranceStart | UtteranceEnd
@@ -112,6 +114,7 @@ class Segmenter:
         self._voiced = 0
         self._last_voiced_index = 0
         self._clock_ms = 0.0
+        self._serial = 0
         self.in_speech = False
 
     def update(self, settings: SegmenterSettings) -> None:
@@ -161,6 +164,7 @@ class Segmenter:
             self._onset = self._onset + 1 if (prob >= s.vad_threshold and loud) else 0
             if self._onset * WINDOW_MS >= s.onset_ms:
                 self.in_speech = True
+                self._serial += 1
                 self._utterance = list(self._preroll)
                 self._preroll.clear()
                 self._voiced = self._onset
@@ -181,13 +185,29 @@ class Segmenter:
         elif self.utterance_ms >= s.max_utterance_s * 1000:
             self._end("max_length", events)
 
-    def _end(self, reason: str, events: list[Event]) -> None:
+    @property
+    def silence_ms(self) -> float:
+        """Non-speech at the end of the utterance in progress (0 while the caller speaks)."""
+        return self._silence * WINDOW_MS if self.in_speech else 0.0
+
+    def pending_final_key(self) -> tuple[int, int]:
+        """Identifies the audio the utterance in progress would end with if it ended now."""
+        return (self._serial, self._last_voiced_index)
+
+    def pending_final_audio(self) -> np.ndarray:
+        """The audio the utterance would end with now: once the tail of silence is in, ending later adds
+        nothing, so a transcription of it started early is the final one (speculative STT)."""
         keep = min(len(self._utterance), self._last_voiced_index + int(self.settings.tail_ms / WINDOW_MS))
-        audio = np.concatenate(self._utterance[:keep]) if keep else np.zeros(0, dtype=np.float32)
+        return np.concatenate(self._utterance[:keep]) if keep else np.zeros(0, dtype=np.float32)
+
+    def _end(self, reason: str, events: list[Event]) -> None:
+        audio = self.pending_final_audio()
+        key = self.pending_final_key()
         speech_ms = self.speech_ms
         self._reset_utterance()
         if speech_ms >= self.settings.min_speech_ms:
-            events.append(UtteranceEnd(audio=audio, reason=reason, speech_ms=speech_ms, at_ms=self._clock_ms))
+            events.append(UtteranceEnd(audio=audio, reason=reason, speech_ms=speech_ms, at_ms=self._clock_ms,
+                                       key=key))
 
     def _reset_utterance(self) -> None:
         self.in_speech = False

@@ -940,6 +940,7 @@ async def server_decode_rate(url: str, cap: int, tag: str) -> dict[str, Any]:
         rid = f"rate-{tag}"
         await c.send(long_request(rid, f"rate-{tag}"))
         count = 0
+        first_n = 1
         first = last = None
         start = 0
         ended = False
@@ -949,8 +950,11 @@ async def server_decode_rate(url: str, cap: int, tag: str) -> dict[str, Any]:
             idx, t, m = await c.wait_json(lambda m: m.get("request_id") == rid, start, timeout=60)
             start = idx + 1
             if m.get("type") == "llm_token":
-                count += 1
-                first = t if first is None else first
+                # One message may carry several tokens (the server coalesces them): count model tokens.
+                n = int(m.get("tokens") or 1)
+                count += n
+                if first is None:
+                    first, first_n = t, n
                 last = t
             elif m.get("type") in ("llm_response", "error"):
                 ended = True
@@ -962,7 +966,8 @@ async def server_decode_rate(url: str, cap: int, tag: str) -> dict[str, Any]:
                             "barge_in_ack", timeout=10)
     finally:
         await c.close()
-    rate = (count - 1) / (last - first) if first is not None and last is not None and last > first else None
+    rate = ((count - first_n) / (last - first) if first is not None and last is not None and last > first
+            else None)
     out: dict[str, Any] = {"tokens": count, "tok_s": rnd(rate, 2),
                            "seconds": rnd(None if first is None or last is None else last - first, 2)}
     if error is not None:

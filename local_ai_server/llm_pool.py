@@ -139,6 +139,7 @@ class LlmJob:
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     tokens: int = 0
+    last_tokens: int = 0  # model tokens in the delta most recently yielded by stream()
     stats: dict[str, Any] = field(default_factory=dict)
     worker: _Worker | None = None
     timer: asyncio.TimerHandle | None = None
@@ -149,7 +150,8 @@ class LlmJob:
             while True:
                 kind, value = await self.events.get()
                 if kind == "tok":
-                    yield value
+                    self.last_tokens = value[1]
+                    yield value[0]
                 elif kind == "done":
                     return
                 else:
@@ -405,7 +407,7 @@ class LlmPool:
             job.tokens += msg[3]
             self.counters["tokens"] += msg[3]
             if not job.cancel_requested:
-                job.events.put_nowait(("tok", msg[2]))
+                job.events.put_nowait(("tok", (msg[2], msg[3])))
         elif kind == "done":
             job.stats = msg[2]
             if job.timed_out:

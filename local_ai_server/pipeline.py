@@ -389,7 +389,8 @@ class SessionRunner:
                         turn.timings["llm_first_token"] = time.monotonic()
                     parts.append(delta)
                     if stream_tokens:
-                        self.out.send_data(P.llm_token(delta, call_id=call_id, request_id=turn.request_id), turn)
+                        self.out.send_data(P.llm_token(delta, call_id=call_id, request_id=turn.request_id,
+                                                       tokens=job.last_tokens), turn)
                     if speaker is not None:
                         for sentence in splitter.push(delta):
                             sentences.put_nowait((sentence, False))

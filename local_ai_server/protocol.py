@@ -511,9 +511,9 @@ def llm_response(text: str, *, call_id: str, request_id: RequestId = None) -> di
     return _with_ids({"type": "llm_response", "text": text, "call_id": call_id, "mode": "llm"}, request_id)
 
 
-def llm_token(delta: str, *, call_id: str, request_id: RequestId) -> dict[str, Any]:
-    """`llm_token` (ext): one streamed piece of the answer."""
-    return {"type": "llm_token", "call_id": call_id, "request_id": request_id, "delta": delta}
+def llm_token(delta: str, *, call_id: str, request_id: RequestId, tokens: int = 1) -> dict[str, Any]:
+    """`llm_token` (ext): one streamed piece of the answer (`tokens` model tokens, coalesced)."""
+    return {"type": "llm_token", "call_id": call_id, "request_id": request_id, "delta": delta, "tokens": tokens}
 
 
 def tts_audio(

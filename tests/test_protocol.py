@@ -619,7 +619,8 @@ def test_llm_response_and_token() -> None:
         "type": "llm_response", "text": "Hi.", "call_id": "c", "mode": "llm", "request_id": 3}
     assert "request_id" not in P.llm_response("Hi.", call_id="c")
     assert P.llm_token(" wor", call_id="c", request_id="r") == {
-        "type": "llm_token", "call_id": "c", "request_id": "r", "delta": " wor"}
+        "type": "llm_token", "call_id": "c", "request_id": "r", "delta": " wor", "tokens": 1}
+    assert P.llm_token(" world and", call_id="c", request_id="r", tokens=3)["tokens"] == 3
 
 
 def test_mode_ready_keeps_nulls() -> None:

@@ -46,7 +46,7 @@ async def test_llm_request_plain_and_streamed(client_factory: Callable[..., Any]
                              "request_id": "r2", "stream": True}, "llm_response")
     tokens = [m for m in c.got.json("llm_token") if m["request_id"] == "r2"]
     assert len(tokens) >= 2
-    assert all(t["call_id"] == "l1" and isinstance(t["delta"], str) for t in tokens)
+    assert all(t["call_id"] == "l1" and isinstance(t["delta"], str) and t["tokens"] >= 1 for t in tokens)
     assert "".join(t["delta"] for t in tokens).strip() == reply["text"]
     # Tokens come before the response.
     idx = [i for i, (k, v) in enumerate(c.got.items) if k == "json" and v.get("request_id") == "r2"]

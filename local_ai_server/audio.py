@@ -226,15 +226,11 @@ def _short(value: object) -> str:
 
 def decode_input(payload: bytes, fmt: str, rate: int) -> np.ndarray:
     """Decode a client audio payload (pcm16le at any supported rate, mulaw at 8 kHz) to float32 16 kHz."""
-    canonical = _INPUT_ALIASES.get(fmt.strip().lower()) if isinstance(fmt, str) else None
-    if canonical is None:
+    if not isinstance(fmt, str):
         raise UnsupportedAudio(f"unsupported audio format {_short(fmt)}; use pcm16le or mulaw")
-    rates = _INPUT_RATES[canonical]
-    if not _is_int(rate) or rate not in rates:
-        allowed = ", ".join(str(r) for r in rates)
-        raise UnsupportedAudio(
-            f"unsupported sample rate {_short(rate)} for {canonical}; use one of {allowed}"
-        )
+    if rate is None:
+        raise UnsupportedAudio("a sample rate is required")
+    canonical = normalize_input_format(fmt, rate)
     if canonical == "mulaw":
         pcm = mulaw_decode(payload)
     else:

@@ -91,6 +91,16 @@ class ModelLoadError(EngineError):
     code = "engine_error"
 
 
+def describe(exc: BaseException) -> str:
+    """An exception as one short line without file paths (such text may reach clients)."""
+    if isinstance(exc, FileNotFoundError):
+        return "model file not found"
+    text = str(exc).split("\n", 1)[0]
+    if "/" in text or not text:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {text[:160]}"
+
+
 ERROR_CODES: tuple[str, ...] = (
     "invalid_json",
     "unknown_type",

@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from .engines.llm import LlmParams, SamplingParams
-from .errors import Busy, Cancelled, EngineError, ModelLoadError, NotReady, ServerError, Timeout
+from .errors import Busy, Cancelled, EngineError, ModelLoadError, NotReady, ServerError, Timeout, describe
 
 log = structlog.get_logger(__name__)
 
@@ -26,17 +26,6 @@ log = structlog.get_logger(__name__)
 KILL_GRACE_S = 2.0
 # Longest a generated token waits in the worker to travel with the next ones.
 COALESCE_S = 0.025
-
-
-def _short_error(exc: BaseException) -> str:
-    """An exception as one line without paths (worker errors reach clients)."""
-    name = type(exc).__name__
-    if isinstance(exc, FileNotFoundError):
-        return "model file not found"
-    text = str(exc).split("\n", 1)[0]
-    if "/" in text:
-        text = ""
-    return f"{name}: {text}"[:200] if text else name
 
 
 def _worker_main(conn: Connection, model_path: str | None, params: LlmParams) -> None:
@@ -53,7 +42,7 @@ def _worker_main(conn: Connection, model_path: str | None, params: LlmParams) ->
         engine.warm_up()
         conn.send(("ready", engine.describe(), None))
     except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
-        conn.send(("ready", None, _short_error(exc)))
+        conn.send(("ready", None, describe(exc)))
         return
     stop_after = False
     while not stop_after:
@@ -121,7 +110,7 @@ def _worker_main(conn: Connection, model_path: str | None, params: LlmParams) ->
         except (BrokenPipeError, EOFError, OSError):
             return
         except Exception as exc:  # noqa: BLE001 - the request fails, the worker lives on
-            conn.send(("err", job_id, _short_error(exc)))
+            conn.send(("err", job_id, describe(exc)))
 
 
 @dataclass(eq=False)

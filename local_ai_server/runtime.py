@@ -17,7 +17,7 @@ from .config import ServerConfig
 from .engines.llm import LlmParams, SamplingParams
 from .engines.stt import Transcript, WhisperStt
 from .engines.tts import PiperTts
-from .errors import InvalidField, ModelLoadError, NotReady
+from .errors import InvalidField, ModelLoadError, NotReady, describe
 from .llm_pool import LlmPool
 from .metrics import Metrics
 from .vad import SileroVad
@@ -37,14 +37,6 @@ class EngineState:
     path: Path | None = None
     loaded_at: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _short(exc: BaseException) -> str:
-    """An exception as a short message without file paths (it may reach clients)."""
-    if isinstance(exc, FileNotFoundError):
-        return "model file not found"
-    text = str(exc).split("\n", 1)[0]
-    return type(exc).__name__ if ("/" in text or not text) else f"{type(exc).__name__}: {text[:160]}"
 
 
 class Engines:
@@ -106,7 +98,7 @@ class Engines:
             self.vad = await self.run_aux(SileroVad)
             self.vad_state.state = "ready"
         except Exception as exc:  # noqa: BLE001 - recorded for status
-            self.vad_state.state, self.vad_state.error = "failed", _short(exc)
+            self.vad_state.state, self.vad_state.error = "failed", describe(exc)
             log.error("vad.load_failed", error=self.vad_state.error)
 
     async def _load_stt(self, path: Path | None) -> None:
@@ -114,11 +106,9 @@ class Engines:
             self.stt_state = EngineState(state="missing", error="no STT model installed")
             return
         self.stt_state.state = "loading"
-        c = self.cfg.stt
 
         def load() -> WhisperStt:
-            engine = WhisperStt(path, threads=c.threads, compute_type=c.compute_type, language=c.language,
-                                beam_size=c.beam_size)
+            engine = self._new_stt(path)
             engine.warm_up()
             return engine
 
@@ -127,7 +117,7 @@ class Engines:
             self.stt_state = EngineState(state="ready", path=path, loaded_at=time.time())
         except Exception as exc:  # noqa: BLE001
             self.stt_state = EngineState(state="failed", path=path, error=f"STT model could not be loaded "
-                                                                          f"({_short(exc)})")
+                                                                          f"({describe(exc)})")
             log.error("stt.load_failed", error=self.stt_state.error)
 
     async def _load_tts(self, path: Path | None) -> None:
@@ -137,7 +127,7 @@ class Engines:
         self.tts_state.state = "loading"
 
         def load() -> PiperTts:
-            engine = PiperTts(path, threads=self.cfg.tts.threads)
+            engine = self._new_tts(path)
             engine.warm_up()
             return engine
 
@@ -147,8 +137,16 @@ class Engines:
                                          extra={"sample_rate_hz": self.tts.sample_rate})
         except Exception as exc:  # noqa: BLE001
             self.tts_state = EngineState(state="failed", path=path, error=f"TTS voice could not be loaded "
-                                                                          f"({_short(exc)})")
+                                                                          f"({describe(exc)})")
             log.error("tts.load_failed", error=self.tts_state.error)
+
+    def _new_stt(self, path: Path) -> WhisperStt:
+        c = self.cfg.stt
+        return WhisperStt(path, threads=c.threads, compute_type=c.compute_type, language=c.language,
+                          beam_size=c.beam_size)
+
+    def _new_tts(self, path: Path) -> PiperTts:
+        return PiperTts(path, threads=self.cfg.tts.threads)
 
     # ------------------------------------------------------------------ switching
 
@@ -166,21 +164,19 @@ class Engines:
 
     async def switch_stt(self, path: Path) -> None:
         """Load a new STT model; the old one keeps serving until the new one is ready."""
-        c = self.cfg.stt
         try:
-            engine = await self.run_aux(lambda: WhisperStt(path, threads=c.threads, compute_type=c.compute_type,
-                                                           language=c.language, beam_size=c.beam_size))
+            engine = await self.run_aux(self._new_stt, path)
         except Exception as exc:  # noqa: BLE001
-            raise ModelLoadError(f"STT model could not be loaded ({_short(exc)})") from None
+            raise ModelLoadError(f"STT model could not be loaded ({describe(exc)})") from None
         self.stt = engine
         self.stt_state = EngineState(state="ready", path=path, loaded_at=time.time())
 
     async def switch_tts(self, path: Path) -> None:
         """Load a new TTS voice; the old one keeps serving until the new one is ready."""
         try:
-            engine = await self.run_aux(lambda: PiperTts(path, threads=self.cfg.tts.threads))
+            engine = await self.run_aux(self._new_tts, path)
         except Exception as exc:  # noqa: BLE001
-            raise ModelLoadError(f"TTS voice could not be loaded ({_short(exc)})") from None
+            raise ModelLoadError(f"TTS voice could not be loaded ({describe(exc)})") from None
         self.tts = engine
         self.tts_state = EngineState(state="ready", path=path, loaded_at=time.time(),
                                      extra={"sample_rate_hz": engine.sample_rate})

@@ -264,9 +264,7 @@ class VoiceServer:
         if isinstance(msg, P.Auth):
             await self._auth(msg, session, runner, ws)
         elif isinstance(msg, P.Audio):
-            self._adopt(msg.call_id, session, runner)
-            if msg.mode:
-                session.mode = msg.mode
+            self._enter(msg.call_id, msg.mode, session, runner)
             if msg.output_encoding is not None or msg.output_sample_rate_hz is not None:
                 session.output_encoding = msg.output_encoding or session.output_encoding
                 session.output_sample_rate_hz = msg.output_sample_rate_hz
@@ -274,17 +272,13 @@ class VoiceServer:
             payload = (await self.engines.run_aux(msg.payload)) if len(data) > 64 * 1024 else msg.payload()
             runner.accept_audio(payload, msg.format, msg.rate, msg.request_id)
         elif isinstance(msg, P.LlmRequest):
-            self._adopt(msg.call_id, session, runner)
-            if msg.mode:
-                session.mode = msg.mode
+            self._enter(msg.call_id, msg.mode, session, runner)
             if not msg.text.strip():
                 raise InvalidField("llm_request.text must not be empty", request_id=msg.request_id)
             runner.start_turn(msg.text, kind="llm_request", request_id=msg.request_id, speak=False,
                               stream_tokens=msg.stream, context=msg.context)
         elif isinstance(msg, P.TtsRequest):
-            self._adopt(msg.call_id, session, runner)
-            if msg.mode:
-                session.mode = msg.mode
+            self._enter(msg.call_id, msg.mode, session, runner)
             if not msg.text.strip():
                 raise InvalidField("tts_request.text must not be empty", request_id=msg.request_id)
             runner.start_tts(msg)
@@ -348,6 +342,12 @@ class VoiceServer:
         self._admin_task = asyncio.ensure_future(coro)
         self._bg.add(self._admin_task)
         self._admin_task.add_done_callback(self._bg.discard)
+
+    def _enter(self, call_id: str | None, mode: str | None, session: Session, runner: SessionRunner) -> None:
+        """A message's call_id and mode override the session's from now on."""
+        self._adopt(call_id, session, runner)
+        if mode:
+            session.mode = mode
 
     def _adopt(self, call_id: str | None, session: Session, runner: SessionRunner) -> None:
         previous = session.call_id

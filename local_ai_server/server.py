@@ -69,10 +69,19 @@ class ConnectionOutbox:
             if not self.overflowed:
                 self.overflowed = True
                 log.warning("connection.send_queue_overflow", items=len(self._data))
-                self._closer = asyncio.ensure_future(self.ws.close(1008, "client is not reading; send queue full"))
+                self._closer = asyncio.ensure_future(self._close_stuck())
             return
         self._data.append(item)
         self._wake.set()
+
+    async def _close_stuck(self) -> None:
+        """Close with 1008; a client that reads nothing never sees the close frame, so then drop the TCP link."""
+        try:
+            await asyncio.wait_for(self.ws.close(1008, "client is not reading; send queue full"), 2.0)
+        except (asyncio.TimeoutError, ConnectionClosed):
+            pass
+        if self.ws.transport is not None and not self.ws.transport.is_closing():
+            self.ws.transport.abort()
 
     async def run(self) -> None:
         """Send queued messages until the connection closes."""

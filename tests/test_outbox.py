@@ -18,6 +18,7 @@ class FakeWs:
         self.gate = asyncio.Event()
         self.gate.set()
         self.closed: tuple[int, str] | None = None
+        self.transport: Any = None
 
     async def send(self, frame: Any) -> None:
         await self.gate.wait()

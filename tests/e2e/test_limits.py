@@ -111,3 +111,43 @@ async def test_origin_allow_list(models_dir: Path, tmp_path: Path) -> None:
         await plain.close()
     finally:
         assert srv.stop() == 0
+
+
+async def test_a_client_that_stops_reading_is_disconnected(models_dir: Path, tmp_path: Path) -> None:
+    """A real slow reader: its replies pile up unsent; the server closes it, memory stays bounded, others live."""
+    import socket
+
+    srv = start_server(tmp_path, models_dir, env={"LOCAL_WS_SEND_QUEUE_MAX": "16", "LOCAL_WS_MAX_INFLIGHT": "4"})
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", srv.port))
+        # max_queue=1: the client library stops reading the socket once one message waits unread.
+        slow = await websockets.connect(srv.url, sock=sock, max_queue=1, max_size=None, ping_interval=None)
+        text = ("This is a long sentence that the server has to speak at a high sample rate, so that every "
+                "reply is large and the connection fills up quickly when nobody reads it.")
+        closed = False
+        for i in range(80):
+            try:
+                await slow.send(json.dumps({"type": "tts_request", "text": text, "request_id": i,
+                                            "output_encoding": "linear16", "output_sample_rate_hz": 48000}))
+            except websockets.ConnectionClosed:
+                closed = True
+                break
+            await asyncio.sleep(0.3)
+            if "connection.send_queue_overflow" in srv.logs():
+                break
+        for _ in range(300):
+            if "connection.send_queue_overflow" in srv.logs() and "session.closed" in srv.logs():
+                break
+            await asyncio.sleep(0.1)
+        assert "connection.send_queue_overflow" in srv.logs(), "the server never noticed the client stopped reading"
+        assert '"session.closed"' in srv.logs() or closed
+        # Everybody else is still served.
+        other = Client(await websockets.connect(srv.url))
+        reply = await other.request({"type": "status"}, "status_response")
+        assert reply["status"] == "ok" and reply["sessions"] == 1
+        await other.close()
+        slow.transport.abort()
+    finally:
+        assert srv.stop() == 0

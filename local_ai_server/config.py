@@ -70,7 +70,7 @@ class LlmConfig:
     gpu_layers: int = 0
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     workers: int = 1
-    max_queue: int = 8
+    max_queue: int = 16
     infer_timeout_s: float = 60.0
     history_turns: int = 8
 
@@ -209,7 +209,7 @@ def from_env(
         gpu_layers=_int(env, "LOCAL_LLM_GPU_LAYERS", 0, -1),
         system_prompt=_get(env, "LOCAL_LLM_SYSTEM_PROMPT") or DEFAULT_SYSTEM_PROMPT,
         workers=_int(env, "LOCAL_LLM_WORKERS", 1, 1),
-        max_queue=_int(env, "LOCAL_LLM_MAX_QUEUE", 8, 0),
+        max_queue=_int(env, "LOCAL_LLM_MAX_QUEUE", 16, 0),
         infer_timeout_s=_float(env, "LOCAL_LLM_INFER_TIMEOUT_SEC", 60.0),
     )
     tts_model = _path(env, "LOCAL_TTS_MODEL_PATH") or sel.get("tts")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
+import ctypes.util
 import hmac
 import itertools
 import json
@@ -140,6 +142,7 @@ class VoiceServer:
             log.info("server.listening", host=self.cfg.host, port=ports[0] if ports else None, pid=os.getpid())
             self._background(self.engines.start())
             self._background(self._watch_loop_lag())
+            self._background(self._trim_memory())
             await stop
             log.info("server.stopping", sessions=len(self.runners))
             server.close(close_connections=True)  # 1001 going away
@@ -184,6 +187,15 @@ class VoiceServer:
             await asyncio.sleep(interval)
             lag = max(0.0, time.perf_counter() - t0 - interval)
             self.metrics.loop_lag.observe(lag)
+
+    async def _trim_memory(self, every_s: float = 30.0) -> None:
+        """Hand freed heap back to the OS now and then (glibc keeps it in per-thread arenas otherwise)."""
+        trim = _malloc_trim()
+        if trim is None:
+            return
+        while True:
+            await asyncio.sleep(every_s)
+            await self.engines.run_aux(trim, 0)
 
     # ------------------------------------------------------------------ HTTP probes
 
@@ -512,6 +524,15 @@ class VoiceServer:
         if request_id is not None:
             msg["request_id"] = request_id
         return msg
+
+
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, or None on other C libraries."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _task_name(task: asyncio.Task[Any]) -> str:

@@ -168,3 +168,50 @@ async def test_other_sessions_unaffected_by_a_flood_of_bad_messages(server: Serv
     finally:
         await bad.close()
         await good.close()
+
+
+async def test_corrupt_model_at_start_serves_the_rest_and_says_why(models_dir: Path, tmp_path: Path) -> None:
+    """A corrupt GGUF at start: the server still starts, /ready is 503 naming the LLM, STT/TTS still work."""
+    import shutil
+
+    from local_ai_server.setup.selection import read_selection
+
+    sel = read_selection(models_dir)
+    assert sel is not None
+    broken = tmp_path / "models"
+    for role in ("stt", "tts"):
+        dest = broken / sel.model(role).path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        src = sel.path(role)
+        if src.is_dir():
+            shutil.copytree(src, dest)
+        else:
+            shutil.copy(src, dest)
+            shutil.copy(f"{src}.json", f"{dest}.json")
+    llm = broken / sel.model("llm").path
+    llm.parent.mkdir(parents=True, exist_ok=True)
+    llm.write_bytes(b"GGUF" + b"\x07" * 65536)
+    shutil.copy(models_dir / "selected.json", broken / "selected.json")
+    srv = start_server(tmp_path, broken, wait="listening")
+    try:
+        for _ in range(600):
+            status, body = await asyncio.to_thread(srv.http, "/ready")
+            if json.loads(body)["status"] != "warming_up":
+                break
+            await asyncio.sleep(0.1)
+        ready = json.loads(body)
+        assert status == 503 and ready["status"] == "not_ready"
+        assert [m for m in ready["missing"] if m.startswith("llm:") and "could not be loaded" in m], ready
+        assert not [m for m in ready["missing"] if m.startswith(("stt", "tts"))], ready
+        c = await connect(srv)
+        s = await c.request({"type": "status"}, "status_response")
+        assert s["models"]["llm"]["loaded"] is False and s["models"]["llm"]["state"] == "failed"
+        assert s["degraded"] is True and s["models"]["tts"]["loaded"] is True
+        assert "/" not in " ".join(s["missing"])
+        err = await c.request({"type": "llm_request", "text": "hi", "request_id": "x"}, "error")
+        assert err["code"] == "not_ready"
+        tts = await c.request({"type": "tts_request", "text": "The voice still works."}, "tts_response")
+        assert tts["byte_length"] > 0
+        await c.close()
+    finally:
+        assert srv.stop() == 0

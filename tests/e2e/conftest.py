@@ -29,6 +29,15 @@ from local_ai_server.setup.selection import default_models_dir, read_selection
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def pid_exists(pid: int) -> bool:
+    """True while `pid` exists, zombies included."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def free_port() -> int:
     """A port nobody listens on right now."""
     with socket.socket() as s:
@@ -101,6 +110,16 @@ class ServerProc:
                 pass
             time.sleep(0.2)
         raise RuntimeError(f"server not ready in {timeout}s:\n{self.logs()[-3000:]}")
+
+    def wait_settled(self, timeout: float = 60) -> tuple[int, dict[str, Any]]:
+        """Wait until model loading is over (whatever its outcome): the /ready (status, body) then."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, body = self.http("/ready")
+            ready = json.loads(body)
+            if ready["status"] != "warming_up" or time.monotonic() > deadline:
+                return status, ready
+            time.sleep(0.1)
 
     def wait_listening(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import websockets
 
-from .conftest import Client, ServerProc, connect, start_server
+from .conftest import Client, ServerProc, connect, pid_exists, start_server
 from .test_concurrency import LONG_ENV, _start_long
 
 TOKEN = "s3cret-token"
@@ -64,21 +63,13 @@ async def test_wrong_token_three_times_closes_1008(auth_server: ServerProc) -> N
     assert TOKEN not in auth_server.logs() and "wrong-0" not in auth_server.logs()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 async def test_sigterm_closes_sessions_1001_and_leaves_no_orphans(models_dir: Path, tmp_path: Path) -> None:
     srv = start_server(tmp_path, models_dir, env=LONG_ENV)
     c: Client = await connect(srv)
     await _start_long(c, "sigterm")
     status = await c.request({"type": "status"}, "status_response")
     pids = status["pool"]["pids"]
-    assert pids and all(_alive(p) for p in pids)
+    assert pids and all(pid_exists(p) for p in pids)
     t0 = time.monotonic()
     code = await asyncio.to_thread(srv.stop, 30)
     elapsed = time.monotonic() - t0
@@ -88,7 +79,7 @@ async def test_sigterm_closes_sessions_1001_and_leaves_no_orphans(models_dir: Pa
             break
         await asyncio.sleep(0.05)
     assert c.closed_code == 1001
-    assert not any(_alive(p) for p in pids), "LLM worker outlived the server"
+    assert not any(pid_exists(p) for p in pids), "LLM worker outlived the server"
     assert elapsed < 10, f"shutdown took {elapsed:.1f}s (limit 10s)"
     with pytest.raises(OSError):
         await websockets.connect(srv.url, open_timeout=2)

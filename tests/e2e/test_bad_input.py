@@ -113,13 +113,8 @@ async def test_server_without_models_starts_and_says_what_is_missing(tmp_path: P
     empty.mkdir()
     srv = start_server(tmp_path, empty, wait="listening")
     try:
-        for _ in range(200):
-            status, body = await asyncio.to_thread(srv.http, "/ready")
-            if json.loads(body)["status"] != "warming_up":
-                break
-            await asyncio.sleep(0.1)
+        status, ready = await asyncio.to_thread(srv.wait_settled)
         assert status == 503
-        ready = json.loads(body)
         assert ready["status"] == "not_ready"
         assert any(m.startswith("stt") for m in ready["missing"])
         assert any(m.startswith("llm") for m in ready["missing"])
@@ -194,12 +189,7 @@ async def test_corrupt_model_at_start_serves_the_rest_and_says_why(models_dir: P
     shutil.copy(models_dir / "selected.json", broken / "selected.json")
     srv = start_server(tmp_path, broken, wait="listening")
     try:
-        for _ in range(600):
-            status, body = await asyncio.to_thread(srv.http, "/ready")
-            if json.loads(body)["status"] != "warming_up":
-                break
-            await asyncio.sleep(0.1)
-        ready = json.loads(body)
+        status, ready = await asyncio.to_thread(srv.wait_settled)
         assert status == 503 and ready["status"] == "not_ready"
         assert [m for m in ready["missing"] if m.startswith("llm:") and "could not be loaded" in m], ready
         assert not [m for m in ready["missing"] if m.startswith(("stt", "tts"))], ready

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from .conftest import Client, ServerProc, connect, silence, start_server
+from .conftest import Client, ServerProc, connect, pid_exists, silence, start_server
 
 # SmolLM2 counts for as long as it is allowed to at temperature 0: a long generation on demand.
 LONG_PROMPT = "Count from 1 to 600, writing every number, separated by commas."
@@ -27,15 +27,6 @@ def long_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     srv = start_server(tmp_path_factory.mktemp("long"), models_dir, env=LONG_ENV)
     yield srv
     assert srv.stop() == 0, srv.logs()[-2000:]
-
-
-def _exists(pid: int) -> bool:
-    """True while `pid` exists, zombies included."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def _start_long(client: Client, request_id: str) -> None:
@@ -90,10 +81,10 @@ async def test_killed_worker_becomes_engine_error_and_is_replaced(long_server: S
         assert long_server.metric("las_llm_worker_restarts_total") == restarts + 1
         # The killed worker is reaped, not left as a zombie.
         for _ in range(100):
-            if not _exists(pids[0]):
+            if not pid_exists(pids[0]):
                 break
             await asyncio.sleep(0.05)
-        assert not _exists(pids[0])
+        assert not pid_exists(pids[0])
     finally:
         await a.close()
 

@@ -170,6 +170,12 @@ if [[ "$DRY_RUN" != 1 && "$SKIP_MODELS" != 1 ]]; then
   fi
 fi
 
+if [[ "$DRY_RUN" == 1 ]]; then
+  echo
+  echo "Dry run: nothing was changed."
+  exit 0
+fi
+
 cat <<EOF
 
 Installed.

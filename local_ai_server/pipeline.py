@@ -514,7 +514,9 @@ class SessionRunner:
         except ServerError as err:
             err.request_id = req.request_id
             self.error(err)
-            return
+            # AVA clients wait for a tts_response matched by text: an empty one (what AVA's own server
+            # sends when synthesis fails) ends their wait at once instead of after their timeout.
+            payload = b""
         self.out.send_data(P.tts_response(req.text, payload, call_id=self.session.call_id, encoding=enc,
                                           sample_rate_hz=rate, request_id=req.request_id), turn)
 

@@ -385,3 +385,32 @@ def test_silence_and_low_noise_give_no_utterance(silero: SileroVad, noise_std: f
     seg = Segmenter(silero.stream(), SegmenterSettings(energy_threshold=energy_threshold))
     assert feed_in_chunks(seg, audio) == []
     assert not seg.in_speech and seg.flush() is None
+
+
+def _feed_windows(seg: Segmenter, data: np.ndarray, start: int, stop: int) -> list[Event]:
+    return seg.feed(data[start * WINDOW:stop * WINDOW])
+
+
+def test_speculative_audio_equals_the_final_when_the_silence_holds() -> None:
+    """Once the silence tail is in, pending_final_audio is exactly what the utterance ends with."""
+    tail_windows = int(DEFAULT_SETTINGS.tail_ms / WINDOW_MS) + 1
+    script = pattern((SILENCE, 5), (SPEECH, 30), (SILENCE, 40))
+    data = tagged_audio(len(script))
+    seg = Segmenter(ScriptedVad(script), DEFAULT_SETTINGS)
+    assert not _feed_windows(seg, data, 0, 35 + tail_windows)[1:]  # only the start so far
+    assert seg.in_speech and seg.silence_ms >= DEFAULT_SETTINGS.tail_ms
+    key, audio = seg.pending_final_key(), seg.pending_final_audio()
+    end = ends(_feed_windows(seg, data, 35 + tail_windows, len(script)))
+    assert len(end) == 1 and end[0].key == key
+    np.testing.assert_array_equal(end[0].audio, audio)
+
+
+def test_speech_after_the_speculation_point_changes_the_key() -> None:
+    """The caller spoke again: the early transcription must not be used (different key, more audio)."""
+    script = pattern((SILENCE, 5), (SPEECH, 30), (SILENCE, 10), (SPEECH, 10), (SILENCE, 40))
+    data = tagged_audio(len(script))
+    seg = Segmenter(ScriptedVad(script), DEFAULT_SETTINGS)
+    _feed_windows(seg, data, 0, 45)
+    key, audio = seg.pending_final_key(), seg.pending_final_audio()
+    end = ends(_feed_windows(seg, data, 45, len(script)))
+    assert len(end) == 1 and end[0].key != key and end[0].audio.size > audio.size

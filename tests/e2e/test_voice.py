@@ -13,7 +13,7 @@ import pytest
 
 from local_ai_server.audio import is_silent, mulaw_decode, pcm16_to_float32
 
-from .conftest import Client, silence
+from .conftest import Client, ServerProc, silence
 
 SENTENCE = "I would like to book a table for two people at seven tonight."
 
@@ -39,7 +39,7 @@ def audio_pairs(client: Client) -> list[tuple[dict[str, Any], bytes]]:
     return pairs
 
 
-async def test_stt_mode_partials_then_final(client_factory: Callable[..., Any],
+async def test_stt_mode_partials_then_final(client_factory: Callable[..., Any], server: ServerProc,
                                             speak: Callable[[str], np.ndarray]) -> None:
     c = await client_factory()
     ready = await c.request({"type": "set_mode", "mode": "stt", "call_id": "stt-1"}, "mode_ready")
@@ -58,6 +58,9 @@ async def test_stt_mode_partials_then_final(client_factory: Callable[..., Any],
     # Partials are only sent when the text changed.
     texts = [p["text"] for p in partials]
     assert all(a != b for a, b in itertools.pairwise(texts))
+    # The final was transcribed during the end-of-utterance silence (speculative STT), not after it.
+    finals = [e for e in server.log_events() if e.get("event") == "stt.final" and e.get("call_id") == "stt-1"]
+    assert finals and finals[-1]["speculative"] is True
 
 
 async def test_stt_mode_json_audio_at_8k_mulaw(client_factory: Callable[..., Any],

@@ -168,10 +168,30 @@ class _Worker:
     info: dict[str, Any] = field(default_factory=dict)
     ready_future: asyncio.Future[str | None] | None = None
     killed_for_timeout: bool = False
+    # One thread at a time may wait for the process: two concurrent waitpid() calls race, and the
+    # loser sees ECHILD and leaves multiprocessing believing a dead, reaped worker is still alive.
+    reap_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def pid(self) -> int | None:
         return None if self.proc is None else self.proc.pid
+
+    def reap(self, timeout: float, *, kill: bool = False) -> None:
+        """Thread: wait up to `timeout` for the process to exit (killing it then if `kill`), then reap it."""
+        if self.proc is None:
+            return
+        deadline = time.monotonic() + timeout
+        if not self.reap_lock.acquire(timeout=max(0.0, timeout)):
+            if kill:
+                self.proc.kill()
+            self.reap_lock.acquire()
+        try:
+            self.proc.join(max(0.0, deadline - time.monotonic()))
+            if kill and self.proc.exitcode is None:
+                self.proc.kill()
+                self.proc.join(5.0)
+        finally:
+            self.reap_lock.release()
 
 
 class LlmPool:
@@ -293,12 +313,7 @@ class LlmPool:
     def _join_all(workers: list[_Worker], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for w in workers:
-            if w.proc is None:
-                continue
-            w.proc.join(max(0.0, deadline - time.monotonic()))
-            if w.proc.is_alive():
-                w.proc.kill()
-                w.proc.join(1.0)
+            w.reap(max(0.0, deadline - time.monotonic()), kill=True)
 
     def _stop_worker(self, w: _Worker) -> None:
         self._send(w, ("stop",))
@@ -434,7 +449,7 @@ class LlmPool:
         if w.proc is not None and self._loop is not None:
             # The pipe closes a moment before the kernel marks the process exited: reap it off the loop,
             # or it would linger as a zombie.
-            self._loop.run_in_executor(None, w.proc.join, 10.0)
+            self._loop.run_in_executor(None, w.reap, 10.0)
         if self._closing:
             return
         if w in self._workers and (was_serving or w.killed_for_timeout):

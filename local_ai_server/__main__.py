@@ -17,6 +17,7 @@ import structlog
 
 from . import logsetup
 from .config import ConfigError, ServerConfig, from_env, validate, with_overrides
+from .setup.installation import InstallRecord, InstallRecordError, read_record
 from .setup.registry import SetupError
 from .setup.selection import default_models_dir, read_selection
 
@@ -39,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None) -> ServerConfig:
-    """Resolve flags over environment over selected.json over defaults."""
+def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None,
+                warnings: list[str] | None = None) -> ServerConfig:
+    """Resolve flags over environment over install.json settings over selected.json over defaults."""
     args = build_parser().parse_args(argv)
     environ = dict(os.environ if env is None else env)
     for flag, var in (("host", "LOCAL_WS_HOST"), ("port", "LOCAL_WS_PORT"), ("stt_model", "LOCAL_STT_MODEL_PATH"),
@@ -58,22 +60,46 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
     if selection is not None:
         tier = selection.tier
         paths = selection.paths()
+    record = _install_record(models_dir, tier, warnings if warnings is not None else [])
+    if record is not None:
+        # The installer's machine-specific settings (GPU offload, ...) apply unless the operator set them.
+        environ = {**record.settings, **environ}
     cfg = from_env(environ, models_dir=models_dir, selection_paths=paths, tier=tier)
+    if record is not None:
+        cfg = with_overrides(cfg, expected=record.status())
     if args.log_json:
         cfg = with_overrides(cfg, log_json=True)
     validate(cfg)
     return cfg
 
 
+def _install_record(models_dir: Path, tier: str | None, warnings: list[str]) -> InstallRecord | None:
+    """install.json when it describes the installed tier; a broken or stale one is a warning, not a stop."""
+    try:
+        record = read_record(models_dir)
+    except InstallRecordError as exc:
+        # It only carries expectations and tuning: the server runs (on defaults) without it.
+        warnings.append(f"ignoring the installation record: {exc}")
+        return None
+    if record is not None and record.tier != tier:
+        warnings.append(f"ignoring the installation record: it is for tier {record.tier}, "
+                        f"the selection is {tier}; re-run ./install.sh")
+        return None
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `local-ai-server` console script."""
+    warnings: list[str] = []
     try:
-        cfg = load_config(argv)
+        cfg = load_config(argv, warnings=warnings)
     except (ConfigError, SetupError, ValueError) as exc:
         print(f"local-ai-server: {exc}", file=sys.stderr)
         return 2
     logsetup.configure(cfg.log_level, cfg.log_json)
     log = structlog.get_logger("local_ai_server")
+    for warning in warnings:
+        log.warning("server.config_warning", warning=warning)
     log.info("server.starting", host=cfg.host, port=cfg.port, tier=cfg.tier,
              stt=str(cfg.stt.model_path) if cfg.stt.model_path else None,
              llm=str(cfg.llm.model_path) if cfg.llm.model_path else None,

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly voice assistant on a phone call. "
@@ -42,6 +43,7 @@ class SttConfig:
     model_path: Path | None
     threads: int
     compute_type: str = "int8"
+    device: str = "cpu"  # cpu | cuda | auto (CTranslate2 has no ROCm or Metal backend)
     language: str = "en"
     beam_size: int = 1
     concurrency: int = 1
@@ -103,6 +105,8 @@ class ServerConfig:
     tls_key: Path | None = None
     allowed_origins: tuple[str, ...] = ()
     tier: str | None = None
+    # What the installer measured and predicted for this machine (install.json), for status replies.
+    expected: Mapping[str, Any] | None = None
     log_level: str = "info"
     log_json: bool | None = None
     allow_any_model_path: bool = False
@@ -157,6 +161,13 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     return raw.lower() in ("1", "true", "yes", "on")
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = (_get(env, name) or default).lower()
+    if raw not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
 def _path(env: Mapping[str, str], name: str) -> Path | None:
     raw = _get(env, name)
     return Path(raw).expanduser() if raw else None
@@ -188,7 +199,10 @@ def from_env(
     stt = SttConfig(
         model_path=_path(env, "LOCAL_STT_MODEL_PATH") or sel.get("stt"),
         threads=_int(env, "LOCAL_STT_THREADS", stt_threads, 1),
-        compute_type=_get(env, "LOCAL_STT_COMPUTE_TYPE") or "int8",
+        device=_choice(env, "LOCAL_STT_DEVICE", "cpu", ("cpu", "cuda", "auto")),
+        # int8 weights everywhere; on a GPU the activations stay in float16 (what CUDA cores are fast at).
+        compute_type=_get(env, "LOCAL_STT_COMPUTE_TYPE")
+        or ("int8" if _choice(env, "LOCAL_STT_DEVICE", "cpu", ("cpu", "cuda", "auto")) == "cpu" else "int8_float16"),
         language=_get(env, "LOCAL_STT_LANGUAGE") or "en",
         idle_ms=_int(env, "LOCAL_STT_IDLE_MS", 5000, 100),
         partial_interval_ms=_int(env, "LOCAL_STT_PARTIAL_MS", 900, 0),

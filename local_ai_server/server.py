@@ -226,6 +226,15 @@ class VoiceServer:
         """Seconds since start."""
         return round(time.monotonic() - self.started, 1)
 
+    def _hardware(self) -> dict[str, Any]:
+        """What this process runs on; the installer's description (CPU model, GPU) when it left one."""
+        hw: dict[str, Any] = {"cpu_cores": cpu_count(), "arch": platform.machine(), "gpu": None,
+                              "llm_gpu_layers": self.cfg.llm.gpu_layers, "stt_device": self.cfg.stt.device}
+        installed = (self.cfg.expected or {}).get("hardware")
+        if isinstance(installed, dict):
+            hw |= {k: installed[k] for k in ("cpu_model", "ram_gb", "gpu") if k in installed}
+        return hw
+
     # ------------------------------------------------------------------ connections
 
     async def _handler(self, ws: ServerConnection) -> None:
@@ -499,7 +508,8 @@ class VoiceServer:
             "degraded": bool(missing) and not e.warming,
             "missing": missing,
             "tier": self.cfg.tier,
-            "hardware": {"cpu_cores": cpu_count(), "arch": platform.machine(), "gpu": None},
+            "hardware": self._hardware(),
+            "expected": self.cfg.expected,
             "pool": e.pool.snapshot(),
             "sessions": len(self.runners),
             "uptime_s": self.uptime(),

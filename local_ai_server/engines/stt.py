@@ -22,7 +22,7 @@ class WhisperStt:
     """A loaded faster-whisper model; `transcribe` must run in a worker thread."""
 
     def __init__(self, model_path: Path, *, threads: int, compute_type: str = "int8", language: str = "en",
-                 beam_size: int = 1) -> None:
+                 beam_size: int = 1, device: str = "cpu") -> None:
         from faster_whisper import WhisperModel  # heavy import, only when a model is loaded
 
         if not (model_path / "model.bin").is_file():
@@ -30,7 +30,7 @@ class WhisperStt:
         self.path = model_path
         self.language = language
         self.beam_size = beam_size
-        self._model = WhisperModel(str(model_path), device="cpu", compute_type=compute_type,
+        self._model = WhisperModel(str(model_path), device=device, compute_type=compute_type,
                                    cpu_threads=threads, num_workers=1)
 
     def transcribe(self, audio: np.ndarray) -> Transcript:

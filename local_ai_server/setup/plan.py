@@ -1,21 +1,25 @@
 """Tier choice and performance prediction: a pure function of hardware, an optional benchmark and the registry.
 
-The model, in short:
+The model, in short (without a benchmark; with one, measured rates replace the assumptions):
 - LLM decode is memory-bound: each token streams the whole weights file once, so
   tok/s = 1 / (file_bytes / effective_bandwidth + per-token overhead).
 - LLM prefill is compute-bound: 2 FLOPs per parameter per token, so tok/s = effective_FLOPS / (2 * params).
 - STT (faster-whisper, CTranslate2) and TTS (Piper, onnxruntime) are compute-bound and run on their own,
   smaller thread pools (LOCAL_STT_THREADS <= 4, LOCAL_TTS_THREADS <= 2), so they scale with params / FLOPS.
-- With a benchmark file, measured probe rates replace the assumptions: decode scales by weights bytes,
-  prefill and time to first token by parameter count, STT and TTS by model size.
+- With a benchmark file, measured probe rates replace the assumptions. With two measured LLMs (the
+  TinyLlama probe and the small embedded one), the per-token cost is a line through both: a fixed part
+  (thread wake-ups, sampling, which dominate tiny models) plus a part proportional to weights bytes
+  (decode) or parameters (prefill, time to first token). With one, costs scale proportionally.
+  STT and TTS scale from the measured reference models by size (TTS also by words spoken).
 Nothing here runs a model or touches the network.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from local_ai_server.setup.hardware import Gpu, Hardware
@@ -29,6 +33,7 @@ PROMPT_TOKENS = round(QUESTION_WORDS * 1.3) + 12
 ANSWER_TOKENS = 30
 # The first sentence is what reaches the caller first: speech starts once it is synthesized.
 FIRST_SENTENCE_TOKENS = 10
+FIRST_SENTENCE_WORDS = round(FIRST_SENTENCE_TOKENS / 1.3)
 UTTERANCE_S = 3.0  # a 10-word question spoken at a normal pace
 
 # --- the server's thread defaults (see README: LOCAL_LLM_THREADS, LOCAL_STT_THREADS, LOCAL_TTS_THREADS)
@@ -110,8 +115,32 @@ class PlanError(RegistryError):
 
 
 @dataclass(frozen=True)
+class ProbePoint:
+    """One LLM measured on this machine: its size and its rates."""
+
+    params_b: float
+    file_bytes: int
+    decode_tok_s: float
+    prefill_tok_s: float
+    ttft_ms: float
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], where: str) -> ProbePoint:
+        """Validate one probe object of a bench document."""
+        values: dict[str, float] = {}
+        for key in ("params_b", "file_bytes", "decode_tok_s", "prefill_tok_s", "ttft_ms"):
+            value = doc.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise PlanError(f"bench {where}.{key} must be a positive number, got {value!r}")
+            values[key] = float(value)
+        return cls(params_b=values["params_b"], file_bytes=int(values["file_bytes"]),
+                   decode_tok_s=values["decode_tok_s"], prefill_tok_s=values["prefill_tok_s"],
+                   ttft_ms=values["ttft_ms"])
+
+
+@dataclass(frozen=True)
 class Bench:
-    """Measured rates from the bench: one probe LLM plus STT and TTS timings of known models."""
+    """Measured rates from the bench: one probe LLM (two when the small one was there) plus STT and TTS."""
 
     params_b: float
     file_bytes: int
@@ -122,6 +151,17 @@ class Bench:
     tts_ms: float | None
     stt_model: str = "whisper-tiny.en"
     tts_model: str = "piper-en_US-joe-medium"
+    # Words of the sentence `tts_ms` was measured on: synthesis time grows with the words spoken.
+    tts_words: int | None = None
+    # A second, much smaller LLM measured the same way: with two points the per-token cost is fitted as
+    # a fixed part plus a part proportional to size, instead of assumed proportional.
+    small: ProbePoint | None = None
+
+    @property
+    def points(self) -> tuple[ProbePoint, ...]:
+        """The measured LLMs, the main probe first."""
+        main = ProbePoint(self.params_b, self.file_bytes, self.decode_tok_s, self.prefill_tok_s, self.ttft_ms)
+        return (main,) if self.small is None else (main, self.small)
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> Bench:
@@ -147,7 +187,15 @@ class Bench:
             stt_ms=timings["stt_ms"], tts_ms=timings["tts_ms"],
             stt_model=str(doc.get("stt_model", "whisper-tiny.en")),
             tts_model=str(doc.get("tts_model", "piper-en_US-joe-medium")),
+            tts_words=_words(doc.get("tts")),
+            small=ProbePoint.from_dict(doc["small_probe"], "small_probe")
+            if isinstance(doc.get("small_probe"), Mapping) else None,
         )
+
+
+def _words(tts: Any) -> int | None:
+    words = tts.get("words") if isinstance(tts, Mapping) else None
+    return words if isinstance(words, int) and not isinstance(words, bool) and words > 0 else None
 
 
 @dataclass(frozen=True)
@@ -210,6 +258,23 @@ class Plan:
     chosen: TierAssessment
     assessments: tuple[TierAssessment, ...]
     inputs: Mapping[str, Any] = field(default_factory=dict)
+    # Set when a bigger tier suits the hardware but cannot be fetched from here: which, and why not.
+    preferred: str | None = None
+    fallback: str | None = None
+
+    def _device_sources(self) -> dict[str, str]:
+        """Where the chosen tier's figures came from: assumptions only where no measurement replaced them."""
+        sources = dict(self.chosen.device.sources)
+        measured = self.inputs.get("measured")
+        if isinstance(measured, Mapping):
+            if self.chosen.device.kind == "cpu":
+                for key in ("memory_bandwidth", "compute"):
+                    sources.pop(key, None)
+                sources["llm"] = str(measured["llm"])
+            for key in ("stt", "tts"):
+                if key in measured and not (key == "stt" and "CUDA" in sources.get("stt", "")):
+                    sources[key] = str(measured[key])
+        return sources
 
     def to_dict(self, registry: Registry) -> dict[str, Any]:
         """The `plan --json` document."""
@@ -218,6 +283,8 @@ class Plan:
             "tier": self.tier,
             "requested": self.requested,
             "why": list(self.why),
+            "preferred_tier": self.preferred,
+            "fallback": self.fallback,
             "turn": {"question_words": QUESTION_WORDS, "prompt_tokens": PROMPT_TOKENS,
                      "answer_tokens": ANSWER_TOKENS, "first_sentence_tokens": FIRST_SENTENCE_TOKENS},
             "llm_device": self.chosen.device.kind,
@@ -227,7 +294,7 @@ class Plan:
                        "file_bytes": m.file_bytes, "size_bytes": m.size_bytes}
                 for role, m in models.items()
             },
-            "inputs": dict(self.inputs) | {"device": dict(self.chosen.device.sources)},
+            "inputs": dict(self.inputs) | {"device": self._device_sources()},
             "tiers": [
                 {"tier": a.tier, "fits": a.fits, "meets_targets": a.meets_targets, "reasons": list(a.reasons),
                  "llm_device": a.device.kind, "prediction": a.prediction.to_dict()}
@@ -330,6 +397,33 @@ def gpu_device(hw: Hardware, gpu: Gpu) -> Device:
 # --- prediction ------------------------------------------------------------------------------------
 
 
+def predict_llm(bench: Bench, file_bytes: int, params_b: float) -> tuple[float, float, float]:
+    """(decode tok/s, prefill tok/s, time to first token ms) of an LLM of this size, from the measured probes."""
+    points = bench.points
+    decode = 1000.0 / _fit(points, file_bytes, lambda p: p.file_bytes, lambda p: 1000.0 / p.decode_tok_s)
+    prefill = 1000.0 / _fit(points, params_b, lambda p: p.params_b, lambda p: 1000.0 / p.prefill_tok_s)
+    ttft = _fit(points, params_b, lambda p: p.params_b, lambda p: p.ttft_ms)
+    return decode, prefill, ttft
+
+
+def _fit(points: tuple[ProbePoint, ...], x: float, x_of: Callable[[ProbePoint], float],
+         y_of: Callable[[ProbePoint], float]) -> float:
+    """A cost (ms) at size `x`: on the line through two measured points, else proportional to one.
+
+    The line is a fixed cost plus a cost per unit of size; if the two points do not give a positive
+    slope and intercept (noise), the nearest point is scaled proportionally instead.
+    """
+    if len(points) >= 2:
+        (x1, y1), (x2, y2) = sorted((x_of(p), y_of(p)) for p in points[:2])
+        if x2 > x1:
+            slope = (y2 - y1) / (x2 - x1)
+            intercept = y1 - slope * x1
+            if slope > 0 and intercept >= 0:
+                return intercept + slope * x
+    nearest = min(points, key=lambda p: abs(math.log(x_of(p) / x)))
+    return y_of(nearest) * x / x_of(nearest)
+
+
 def _params_m(model: Model) -> float:
     # Registry entries without params_b are estimated from bytes at ~4.5 bits per weight.
     return (model.params_b if model.params_b else model.file_bytes * 8 / 4.5 / 1e9) * 1000
@@ -342,9 +436,7 @@ def predict(models: Mapping[str, Model], device: Device, bench: Bench | None = N
     llm_params_b = _params_m(llm) / 1000
     use_bench = bench is not None and device.kind == "cpu"
     if use_bench and bench is not None:
-        decode = bench.decode_tok_s * bench.file_bytes / llm.file_bytes
-        prefill = bench.prefill_tok_s * bench.params_b / llm_params_b
-        ttft = bench.ttft_ms * llm_params_b / bench.params_b
+        decode, prefill, ttft = predict_llm(bench, llm.file_bytes, llm_params_b)
     else:
         overhead = GPU_TOKEN_OVERHEAD_S if device.kind == "gpu" else CPU_TOKEN_OVERHEAD_S
         decode = 1.0 / (llm.file_bytes / (device.bandwidth_gbs * 1e9) + overhead)
@@ -361,7 +453,9 @@ def predict(models: Mapping[str, Model], device: Device, bench: Bench | None = N
             stt_ms = bench.stt_ms * _params_m(stt) / _params_m(ref_stt)
         ref_tts = registry.models.get(bench.tts_model)
         if bench.tts_ms and ref_tts is not None:
-            tts_ms = bench.tts_ms * tts.file_bytes / ref_tts.file_bytes
+            # Scaled by voice size, and from the benchmark sentence's length to a first sentence's.
+            words = FIRST_SENTENCE_WORDS / bench.tts_words if bench.tts_words else 1.0
+            tts_ms = bench.tts_ms * words * tts.file_bytes / ref_tts.file_bytes
     first_sentence_ms = (FIRST_SENTENCE_TOKENS - 1) / decode * 1000
     first_audio = stt_ms + ttft + first_sentence_ms + tts_ms
     turn = stt_ms + ttft + (ANSWER_TOKENS - 1) / decode * 1000 + tts_ms
@@ -374,12 +468,42 @@ def _number(requirements: Mapping[str, float | int | bool], key: str, default: f
     return float(value) if not isinstance(value, bool) else default
 
 
-def assess(registry: Registry, tier: Tier, hw: Hardware, bench: Bench | None = None) -> TierAssessment:
+@dataclass(frozen=True)
+class Constraints:
+    """What the installer adds to the hardware: GPU policy, the llama.cpp build, tiers it cannot fetch."""
+
+    gpu: str = "auto"  # auto: use a GPU tier when one fits; off: --cpu-only; require: --gpu
+    # The llama.cpp backend that was built (cpu, cuda, hip, metal); None: not known, assume it matches.
+    llama_backend: str | None = None
+    unavailable: Mapping[str, str] = field(default_factory=dict)  # tier name (lower) -> why it can't be fetched
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, for the plan's inputs."""
+        return {"gpu": self.gpu, "llama_backend": self.llama_backend, "unavailable": dict(self.unavailable)}
+
+
+GPU_BACKENDS = {"nvidia": ("cuda",), "amd": ("hip", "vulkan"), "apple": ("metal",)}
+
+
+def assess(registry: Registry, tier: Tier, hw: Hardware, bench: Bench | None = None,
+           constraints: Constraints | None = None) -> TierAssessment:
     """Check a tier's requirements against `hw` and predict what it would do here."""
+    c = constraints or Constraints()
     req = tier.requirements
     models = registry.tier_models(tier.name)
     reasons: list[str] = []
     fits = True
+    unavailable = c.unavailable.get(tier.name.lower())
+    if unavailable:
+        fits = False
+        reasons.append(unavailable)
+    wants_gpu = req.get("gpu") is True
+    if wants_gpu and c.gpu == "off":
+        fits = False
+        reasons.append("GPU tiers are disabled (--cpu-only)")
+    if not wants_gpu and c.gpu == "require":
+        fits = False
+        reasons.append("a CPU tier, and --gpu asks for a GPU tier")
     min_ram = _number(req, "min_ram_gb", 0)
     # The LLM is mapped into RAM (CPU) or staged through it (GPU); STT and TTS add their share.
     need_ram = max(min_ram * RAM_TOLERANCE, sum(m.size_bytes for m in models.values()) / 1024**3 + 1.0)
@@ -404,6 +528,11 @@ def assess(registry: Registry, tier: Tier, hw: Hardware, bench: Bench | None = N
             reasons.append("needs a GPU, none detected")
         else:
             device = gpu_device(hw, gpu)
+            backends = GPU_BACKENDS.get(gpu.vendor, ())
+            if c.llama_backend is not None and c.llama_backend not in backends:
+                fits = False
+                reasons.append(f"llama.cpp was built for {c.llama_backend}, not for this {gpu.vendor} GPU "
+                               f"({'/'.join(backends) or 'no GPU backend'}); its toolkit was not found")
             # Weights plus KV cache and compute buffers (~20% + 0.5 GB) must fit in GPU memory.
             need_vram = max(min_vram, llm_gb * 1.2 + 0.5)
             if gpu_memory_gb(gpu) < need_vram:
@@ -428,13 +557,13 @@ def assess(registry: Registry, tier: Tier, hw: Hardware, bench: Bench | None = N
 # --- tier names ------------------------------------------------------------------------------------
 
 
-def resolve_tier(registry: Registry, name: str, hw: Hardware) -> Tier:
+def resolve_tier(registry: Registry, name: str, hw: Hardware, *, gpu: bool = True) -> Tier:
     """A tier by name (any case) or alias: LIGHT/MEDIUM/HEAVY pick the GPU variant when this machine
-    has a usable GPU and the registry has one, else the CPU variant."""
+    has a usable GPU (and `gpu` allows it) and the registry has one, else the CPU variant."""
     key = name.strip().lower()
     if key in registry.tiers:
         return registry.tiers[key]
-    variants = [f"{key}_gpu", f"{key}_cpu"] if usable_gpu(hw) is not None else [f"{key}_cpu"]
+    variants = [f"{key}_gpu", f"{key}_cpu"] if gpu and usable_gpu(hw) is not None else [f"{key}_cpu"]
     for variant in variants:
         if variant in registry.tiers:
             return registry.tiers[variant]
@@ -447,26 +576,56 @@ def resolve_tier(registry: Registry, name: str, hw: Hardware) -> Tier:
 # --- the plan --------------------------------------------------------------------------------------
 
 
-def make_plan(registry: Registry, hw: Hardware, *, tier: str | None = None, bench: Bench | None = None) -> Plan:
+def make_plan(registry: Registry, hw: Hardware, *, tier: str | None = None, bench: Bench | None = None,
+              constraints: Constraints | None = None) -> Plan:
     """Choose a tier for `hw` (or explain `tier` when one is requested) and predict its figures."""
+    c = constraints or Constraints()
     ordered = sorted(registry.tiers.values(), key=lambda t: t.rank)
-    assessments = tuple(assess(registry, t, hw, bench) for t in ordered)
+    assessments = tuple(assess(registry, t, hw, bench, c) for t in ordered)
     by_name = {a.tier: a for a in assessments}
     gpu = usable_gpu(hw)
     inputs: dict[str, Any] = {
         "hardware": {"cpu_model": hw.cpu_model, "cpu_cores": hw.cpu_cores, "ram_gb": hw.ram_gb,
                      "gpu": None if gpu is None else {"name": gpu.name, "memory_gb": gpu_memory_gb(gpu)}},
-        "bench": "measured probe rates, scaled by weights bytes (decode) and parameters (prefill, TTFT)"
-                 if bench is not None else "none: predicted from hardware alone, with the assumptions below",
+        "bench": ("none: predicted from hardware alone, with the assumptions below" if bench is None else
+                  "measured probe rates, scaled by weights bytes (decode) and parameters (prefill, TTFT)"
+                  if bench.small is None else
+                  "two measured LLMs; per-token costs fitted as a fixed part plus a part proportional to weights "
+                  "bytes (decode) or parameters (prefill, TTFT)"),
+        "constraints": c.to_dict(),
     }
+    if bench is not None:
+        inputs["measured"] = {
+            "llm": f"probe ({bench.params_b:g}B params, {bench.file_bytes / 1e6:.0f} MB) measured here: decode "
+                   f"{bench.decode_tok_s:g} tok/s, prefill {bench.prefill_tok_s:g} tok/s, first token "
+                   f"{bench.ttft_ms:g} ms"
+                   + ("" if bench.small is None else
+                      f"; small LLM ({bench.small.params_b:g}B params, {bench.small.file_bytes / 1e6:.0f} MB) "
+                      f"measured here: decode {bench.small.decode_tok_s:g} tok/s, prefill "
+                      f"{bench.small.prefill_tok_s:g} tok/s, first token {bench.small.ttft_ms:g} ms"),
+        }
+        if bench.stt_ms:
+            inputs["measured"]["stt"] = (f"{bench.stt_model} measured here: {bench.stt_ms:g} ms for an utterance; "
+                                         "scaled by parameters")
+        if bench.tts_ms:
+            inputs["measured"]["tts"] = (f"{bench.tts_model} measured here: {bench.tts_ms:g} ms for "
+                                         f"{bench.tts_words or '?'} words; scaled to {FIRST_SENTENCE_WORDS} words "
+                                         "and by voice size")
     if tier is not None:
-        chosen_tier = resolve_tier(registry, tier, hw)
+        chosen_tier = resolve_tier(registry, tier, hw, gpu=c.gpu != "off")
+        blocked = c.unavailable.get(chosen_tier.name.lower())
+        if blocked:
+            raise PlanError(f"tier {chosen_tier.name} cannot be installed from here: {blocked}")
         chosen = by_name[chosen_tier.name]
         why = [f"requested {tier!r} -> {chosen_tier.name}"]
         if not chosen.fits or not chosen.meets_targets:
             why.append("warning: " + "; ".join(r for r in chosen.reasons))
         return Plan(tier=chosen_tier.name, requested=tier, why=tuple(why), chosen=chosen,
                     assessments=assessments, inputs=inputs)
+    if c.gpu == "require" and not any(a.fits for a in assessments):
+        gpu_tiers = [a for a in assessments if registry.tiers[a.tier.lower()].requirements.get("gpu") is True]
+        detail = "; ".join(f"{a.tier}: {'; '.join(a.reasons)}" for a in gpu_tiers) or "the registry has none"
+        raise PlanError(f"--gpu: no GPU tier fits this machine: {detail}")
     good = [a for a in assessments if a.fits and a.meets_targets]
     if good:
         chosen = good[-1]
@@ -480,5 +639,15 @@ def make_plan(registry: Registry, hw: Hardware, *, tier: str | None = None, benc
         why = [f"no tier meets its targets here; {chosen.tier} is the smallest"
                + (" that fits" if fitting else " (and this machine is below even its requirements)")]
         why += [f"{a.tier}: {'; '.join(a.reasons)}" for a in assessments]
+    preferred = fallback = None
+    if c.unavailable:
+        # What would this machine get if every hub answered? If that is more than what it gets, say so.
+        ideal = make_plan(registry, hw, bench=bench, constraints=replace(c, unavailable={}))
+        if ideal.tier != chosen.tier:
+            preferred = ideal.tier
+            blocked = c.unavailable.get(ideal.tier.lower(), "it cannot be fetched")
+            fallback = (f"{ideal.tier} suits this machine, but {blocked}; installing {chosen.tier} instead "
+                        "(--mirror URL fetches from a Hugging Face mirror, --tier picks a tier)")
+            why.insert(0, fallback)
     return Plan(tier=chosen.tier, requested=None, why=tuple(why), chosen=chosen, assessments=assessments,
-                inputs=inputs)
+                inputs=inputs, preferred=preferred, fallback=fallback)

@@ -13,7 +13,7 @@ from typing import Any
 SCHEMA_VERSION = 1
 ROLES: tuple[str, ...] = ("stt", "llm", "tts")
 # Files the installer itself writes into the models dir; a model file must never shadow them.
-RESERVED_PATHS = frozenset({"selected.json"})
+RESERVED_PATHS = frozenset({"selected.json", "install.json"})
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # PEP 508 project names; versions are only checked for being non-empty and free of spaces

@@ -44,6 +44,8 @@ class SttConfig:
     threads: int
     compute_type: str = "int8"
     device: str = "cpu"  # cpu | cuda | auto (CTranslate2 has no ROCm or Metal backend)
+    # Silence appended after an utterance in its own encoder window; None: Whisper's full 30 s window.
+    pad_s: float | None = 2.0
     language: str = "en"
     beam_size: int = 1
     concurrency: int = 1
@@ -161,6 +163,19 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     return raw.lower() in ("1", "true", "yes", "on")
 
 
+def _stt_pad(env: Mapping[str, str]) -> float | None:
+    raw = (_get(env, "LOCAL_STT_PAD_S") or "2").lower()
+    if raw in ("full", "off", "30"):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"LOCAL_STT_PAD_S must be seconds (0-29) or 'full', got {raw!r}") from None
+    if not 0 <= value < 30:
+        raise ConfigError(f"LOCAL_STT_PAD_S must be seconds (0-29) or 'full', got {raw!r}")
+    return value
+
+
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
     raw = (_get(env, name) or default).lower()
     if raw not in choices:
@@ -200,6 +215,7 @@ def from_env(
         model_path=_path(env, "LOCAL_STT_MODEL_PATH") or sel.get("stt"),
         threads=_int(env, "LOCAL_STT_THREADS", stt_threads, 1),
         device=_choice(env, "LOCAL_STT_DEVICE", "cpu", ("cpu", "cuda", "auto")),
+        pad_s=_stt_pad(env),
         # int8 weights everywhere; on a GPU the activations stay in float16 (what CUDA cores are fast at).
         compute_type=_get(env, "LOCAL_STT_COMPUTE_TYPE")
         or ("int8" if _choice(env, "LOCAL_STT_DEVICE", "cpu", ("cpu", "cuda", "auto")) == "cpu" else "int8_float16"),

@@ -143,7 +143,7 @@ class Engines:
     def _new_stt(self, path: Path) -> WhisperStt:
         c = self.cfg.stt
         return WhisperStt(path, threads=c.threads, compute_type=c.compute_type, language=c.language,
-                          beam_size=c.beam_size, device=c.device)
+                          beam_size=c.beam_size, device=c.device, pad_s=c.pad_s)
 
     def _new_tts(self, path: Path) -> PiperTts:
         return PiperTts(path, threads=self.cfg.tts.threads)

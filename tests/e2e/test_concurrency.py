@@ -89,6 +89,34 @@ async def test_killed_worker_becomes_engine_error_and_is_replaced(long_server: S
         await a.close()
 
 
+async def test_hung_worker_is_killed_at_the_timeout(models_dir: Path, tmp_path: Path) -> None:
+    srv = start_server(tmp_path, models_dir, env={**LONG_ENV, "LOCAL_LLM_INFER_TIMEOUT_SEC": "3"})
+    try:
+        a = await connect(srv)
+        b = await connect(srv)
+        await _start_long(a, "hang-1")
+        (pid,) = (await a.request({"type": "status"}, "status_response"))["pool"]["pids"]
+        os.kill(pid, signal.SIGSTOP)  # hung: it cannot even read the cancel
+        # Other callers are still served while the request waits for its limit.
+        st = await b.request({"type": "status", "request_id": "during"}, "status_response")
+        assert st["pool"]["busy"] == 1
+        err = await a.wait_for(lambda m: m.get("type") == "error" and m.get("request_id") == "hang-1", timeout=60)
+        assert err["code"] == "timeout" and "/" not in err["message"]
+        for _ in range(200):
+            if not pid_exists(pid):
+                break
+            await asyncio.sleep(0.05)
+        assert not pid_exists(pid)  # killed and reaped, not left stopped
+        reply = await b.request({"type": "llm_request", "text": "Say hello.", "request_id": "after"},
+                                "llm_response", timeout=120)
+        assert reply["text"] and reply["request_id"] == "after"
+        assert srv.metric("las_llm_worker_restarts_total") == 1
+        await a.close()
+        await b.close()
+    finally:
+        assert srv.stop() == 0
+
+
 async def test_closing_the_connection_stops_the_generation(long_server: ServerProc) -> None:
     cancelled = long_server.metric("las_llm_generations_total", 'outcome="cancelled"')
     completed = long_server.metric("las_llm_generations_total", 'outcome="completed"')

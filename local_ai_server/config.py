@@ -77,6 +77,8 @@ class LlmConfig:
     max_queue: int = 16
     infer_timeout_s: float = 60.0
     history_turns: int = 8
+    # Start answering the speculative final at the first pause; its audio waits for the confirmed end.
+    speculate: bool = True
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,7 @@ def from_env(
         workers=_int(env, "LOCAL_LLM_WORKERS", 1, 1),
         max_queue=_int(env, "LOCAL_LLM_MAX_QUEUE", 16, 0),
         infer_timeout_s=_float(env, "LOCAL_LLM_INFER_TIMEOUT_SEC", 60.0),
+        speculate=_bool(env, "LOCAL_LLM_SPECULATE", True),
     )
     tts_model = _path(env, "LOCAL_TTS_MODEL_PATH") or sel.get("tts")
     tts = TtsConfig(model_path=tts_model, threads=_int(env, "LOCAL_TTS_THREADS", tts_threads, 1))

@@ -39,6 +39,9 @@ class Metrics:
                                        registry=r)
         self.loop_lag = Histogram("las_event_loop_lag_seconds", "Event-loop scheduling lag", buckets=_LAG_BUCKETS,
                                   registry=r)
+        self.speculative_turns = Counter(
+            "las_speculative_turns", "Answers started before the end of the utterance was confirmed, by outcome "
+            "(started, confirmed, discarded)", ["outcome"], registry=r)
         self.audio_dropped = Counter("las_audio_frames_dropped", "Inbound audio frames dropped (queue full)",
                                      registry=r)
 

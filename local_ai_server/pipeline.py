@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,20 +49,55 @@ class Outbox(Protocol):
 
 @dataclass(eq=False)
 class Turn:
-    """One answer in flight; cancelling it drops everything of it not yet sent."""
+    """One answer in flight; cancelling it drops everything of it not yet sent.
+
+    A held turn is a speculative answer, started before the end of the caller's utterance was
+    confirmed: everything it would send (or remember) waits in `pending` until `release()`, and is
+    dropped with it if the caller speaks again.
+    """
 
     id: int
-    kind: str  # "voice" | "llm_request"
+    kind: str  # "voice" | "llm_request" | "tts_request"
     request_id: P.RequestId
     cancelled: bool = False
     task: asyncio.Task[None] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    held: bool = False
+    failed: bool = False  # a held turn hit an error: its confirmation starts a fresh turn instead
+    pending: list[Callable[[], None]] = field(default_factory=list)
 
     def cancel(self) -> None:
         """Mark cancelled (synchronously: the writer checks it) and stop the task."""
         self.cancelled = True
+        self.pending.clear()
         if self.task is not None and not self.task.done():
             self.task.cancel()
+
+    def emit(self, action: Callable[[], None]) -> None:
+        """Do `action` now, or when the turn is released if it is held."""
+        if self.held:
+            self.pending.append(action)
+        else:
+            action()
+
+    def release(self) -> None:
+        """Stop holding: do everything that waited, in order."""
+        self.held = False
+        actions, self.pending = self.pending, []
+        for action in actions:
+            action()
+
+
+@dataclass
+class _SpecTurn:
+    """A speculative answer and what it was started from; valid only if the final confirms all of it."""
+
+    key: tuple[int, int]
+    text: str
+    mode: str
+    turn: Turn
+    history_len: int
+    epoch: int
 
 
 class SessionRunner:
@@ -79,10 +116,13 @@ class SessionRunner:
         self._audio_q: asyncio.Queue[tuple[tuple[bytes, str, int], str, P.RequestId]] = asyncio.Queue(
             AUDIO_QUEUE_FRAMES)
         self._speech_task: asyncio.Task[None] | None = None
-        # (utterance end, mode, request id, end time, speculative transcription of exactly that audio)
+        # (utterance end, mode, request id, end time, speculative transcription of exactly that audio,
+        # the answer started from it)
         self._finals_q: asyncio.Queue[
-            tuple[UtteranceEnd | None, str, P.RequestId, float, asyncio.Task[Transcript] | None]] = asyncio.Queue()
+            tuple[UtteranceEnd | None, str, P.RequestId, float, asyncio.Task[Transcript] | None,
+                  _SpecTurn | None]] = asyncio.Queue()
         self._spec: tuple[tuple[int, int], asyncio.Task[Transcript]] | None = None
+        self._spec_turn: _SpecTurn | None = None
         self._finals_task: asyncio.Task[None] | None = None
         self._segmenter: Segmenter | None = None
         self._resampler: StreamResampler | None = None
@@ -217,7 +257,8 @@ class SessionRunner:
                             f"utterance longer than {self.cfg.stt.max_utterance_s:g} s; it was cut there",
                             request_id=rid))
                     self._queue_final(ev, mode, rid)
-            self._maybe_speculate()
+            self._drop_stale_spec_turn()
+            self._maybe_speculate(mode, rid)
             self._maybe_partial(mode, rid)
 
     async def _drain_without_stt(self) -> None:
@@ -234,9 +275,66 @@ class SessionRunner:
         if ev is not None and self._spec is not None and self._spec[0] == ev.key:
             spec = self._spec[1]
         self._spec = None
-        self._finals_q.put_nowait((ev, mode, rid, time.monotonic(), spec))
+        spec_turn, self._spec_turn = self._spec_turn, None
+        if spec_turn is not None and (ev is None or spec_turn.key != ev.key):
+            self._discard_spec_turn(spec_turn)
+            spec_turn = None
+        self._finals_q.put_nowait((ev, mode, rid, time.monotonic(), spec, spec_turn))
 
-    def _maybe_speculate(self) -> None:
+    def _drop_stale_spec_turn(self) -> None:
+        """The caller spoke again after a pause: the answer started at the pause was for other words."""
+        spec, seg = self._spec_turn, self._segmenter
+        if spec is not None and seg is not None and seg.in_speech and seg.pending_final_key() != spec.key:
+            self._spec_turn = None
+            self._discard_spec_turn(spec)
+
+    def _discard_spec_turn(self, spec: _SpecTurn) -> None:
+        if not spec.turn.cancelled:
+            spec.turn.cancel()
+        self.metrics.speculative_turns.labels("discarded").inc()
+
+    def _on_spec_transcript(self, key: tuple[int, int], task: asyncio.Task[Transcript], mode: str,
+                            rid: P.RequestId) -> None:
+        """The speculative final is in while the caller is still silent: start answering it, held."""
+        if self._closed or task.cancelled() or task.exception() is not None:
+            return
+        seg = self._segmenter
+        if (self._spec is None or self._spec[0] != key or self._spec_turn is not None or seg is None
+                or not seg.in_speech or seg.pending_final_key() != key):
+            return  # superseded: the caller spoke again, or the utterance already ended
+        text = task.result().text.strip()
+        s = self.session
+        if not text or s.mode != mode or mode not in ("full", "llm"):
+            return
+        snap = self.engines.pool.snapshot()
+        if snap["state"] != "ready" or snap["busy"] >= snap["workers"] or snap["queued"]:
+            return  # a guess must never make another caller's answer wait for a worker
+        turn = self.start_turn(text, kind="voice", request_id=rid, speak=(mode == "full"), stream_tokens=False,
+                               held=True)
+        turn.timings["speculated"] = turn.timings["start"]
+        self._spec_turn = _SpecTurn(key=key, text=text, mode=mode, turn=turn, history_len=len(s.history),
+                                    epoch=s.history_epoch)
+        self.metrics.speculative_turns.labels("started").inc()
+
+    def _confirm_spec_turn(self, spec: _SpecTurn | None, text: str, mode: str, ended_at: float,
+                           stt_ms: float) -> bool:
+        """The final is what the speculative answer was started from: let it speak. False if it cannot."""
+        if spec is None:
+            return False
+        s, turn = self.session, spec.turn
+        if (turn.cancelled or turn.failed or spec.text != text or spec.mode != mode
+                or spec.history_len != len(s.history) or spec.epoch != s.history_epoch):
+            self._discard_spec_turn(spec)
+            return False
+        if self.voice_turn is not None and self.voice_turn is not turn and not self.voice_turn.cancelled:
+            self.voice_turn.cancel()  # the caller spoke again: the previous answer stops, as for any final
+        self.voice_turn = turn
+        turn.timings.update(utterance_end=ended_at, stt_ms=stt_ms)
+        self.metrics.speculative_turns.labels("confirmed").inc()
+        turn.release()
+        return True
+
+    def _maybe_speculate(self, mode: str, rid: P.RequestId) -> None:
         """Once the tail of silence is in, transcribe what the final will be while the silence window runs.
 
         If the caller stays silent, the final is ready (or nearly) when the utterance ends; if they speak
@@ -251,7 +349,10 @@ class SessionRunner:
         key = seg.pending_final_key()
         if self._spec is not None and self._spec[0] == key:
             return
-        self._spec = (key, self._spawn(self.engines.transcribe(seg.pending_final_audio(), "final")))
+        task = self._spawn(self.engines.transcribe(seg.pending_final_audio(), "final"))
+        self._spec = (key, task)
+        if self.cfg.llm.speculate and mode in ("full", "llm"):
+            task.add_done_callback(lambda t: self._on_spec_transcript(key, t, mode, rid))
 
     def _on_idle(self) -> None:
         """No audio for LOCAL_STT_IDLE_MS: end the utterance in progress (or send an empty stt final)."""
@@ -295,7 +396,7 @@ class SessionRunner:
     async def _finals_loop(self) -> None:
         """Transcribe utterances in order and act on each final."""
         while not self._closed:
-            ev, mode, rid, ended_at, spec = await self._finals_q.get()
+            ev, mode, rid, ended_at, spec, spec_turn = await self._finals_q.get()
             # A partial still running for this utterance is dropped when it completes (its utterance number
             # is stale), so partials never follow their final.
             if ev is None:
@@ -313,10 +414,14 @@ class SessionRunner:
                 if result is None:
                     result = await self.engines.transcribe(ev.audio, "final")
             except NotReady:
+                if spec_turn is not None:
+                    self._discard_spec_turn(spec_turn)
                 self.out.send_data(P.stt_result("", call_id=self.session.call_id, mode=mode, is_final=True,
                                                 request_id=rid, error="stt_unavailable"))
                 continue
             except Exception:
+                if spec_turn is not None:
+                    self._discard_spec_turn(spec_turn)
                 log.exception("stt.failed", session=self.session.id)
                 self.error(ServerError("speech could not be transcribed", request_id=None))
                 continue
@@ -325,11 +430,15 @@ class SessionRunner:
             text = result.text.strip()
             log.info("stt.final", session=self.session.id, call_id=self.session.call_id, chars=len(text),
                      audio_s=round(result.audio_s, 2), stt_ms=round(stt_ms, 1), reason=ev.reason,
-                     speculative=spec is not None)
+                     speculative=spec is not None, answer_started=spec_turn is not None)
             if mode == "stt" or text:
                 self.out.send_data(P.stt_result(text, call_id=self.session.call_id, mode=mode, is_final=True,
                                                 confidence=result.confidence, request_id=rid))
-            if text and mode in ("full", "llm"):
+            if not text or mode not in ("full", "llm"):
+                if spec_turn is not None:
+                    self._discard_spec_turn(spec_turn)
+                continue
+            if not self._confirm_spec_turn(spec_turn, text, mode, ended_at, stt_ms):
                 self.start_turn(text, kind="voice", request_id=rid, speak=(mode == "full"), stream_tokens=False,
                                 timings={"utterance_end": ended_at, "stt_ms": stt_ms})
 
@@ -345,20 +454,32 @@ class SessionRunner:
         stream_tokens: bool,
         context: tuple[tuple[str, str], ...] | None = None,
         timings: dict[str, float] | None = None,
+        held: bool = False,
     ) -> Turn:
-        """Start an answer; a new voice turn cancels the voice turn still in flight (the caller spoke again)."""
-        if kind == "voice" and self.voice_turn is not None and not self.voice_turn.cancelled:
+        """Start an answer; a new voice turn cancels the voice turn still in flight (the caller spoke again).
+
+        A `held` (speculative) voice turn sends nothing and cancels nothing until it is confirmed.
+        """
+        if kind == "voice" and not held and self.voice_turn is not None and not self.voice_turn.cancelled:
             self.voice_turn.cancel()
         elif kind != "voice":
             self._check_inflight(request_id)
-        turn = Turn(id=next(_turn_ids), kind=kind, request_id=request_id, timings=dict(timings or {}))
+        turn = Turn(id=next(_turn_ids), kind=kind, request_id=request_id, timings=dict(timings or {}), held=held)
         turn.timings.setdefault("start", time.monotonic())
         turn.task = self._spawn(self._run_turn(turn, text, speak, stream_tokens, context))
         self.turns.add(turn)
         turn.task.add_done_callback(lambda _t: self.turns.discard(turn))
-        if kind == "voice":
+        if kind == "voice" and not held:
             self.voice_turn = turn
         return turn
+
+    def _turn_error(self, turn: Turn, err: ServerError) -> None:
+        """An error of a turn: to the client, or, for a speculative turn, a reason not to confirm it."""
+        if turn.held:
+            turn.failed = True
+            return
+        err.request_id = turn.request_id
+        self.error(err)
 
     async def _run_turn(self, turn: Turn, text: str, speak: bool, stream_tokens: bool,
                         context: tuple[tuple[str, str], ...] | None) -> None:
@@ -373,8 +494,7 @@ class SessionRunner:
         try:
             job = self.engines.pool.submit(messages, self.engines.sampling())
         except ServerError as err:
-            err.request_id = turn.request_id
-            self.error(err)
+            self._turn_error(turn, err)
             return
         sentences: asyncio.Queue[tuple[str, bool] | None] = asyncio.Queue()
         speaker = self._spawn(self._speak(turn, sentences, enc, rate)) if speak else None
@@ -389,8 +509,8 @@ class SessionRunner:
                         turn.timings["llm_first_token"] = time.monotonic()
                     parts.append(delta)
                     if stream_tokens:
-                        self.out.send_data(P.llm_token(delta, call_id=call_id, request_id=turn.request_id,
-                                                       tokens=job.last_tokens), turn)
+                        token = P.llm_token(delta, call_id=call_id, request_id=turn.request_id, tokens=job.last_tokens)
+                        turn.emit(functools.partial(self.out.send_data, token, turn))
                     if speaker is not None:
                         for sentence in splitter.push(delta):
                             sentences.put_nowait((sentence, False))
@@ -401,16 +521,21 @@ class SessionRunner:
                 sentences.put_nowait(None)
                 await speaker
             answer = "".join(parts).strip()
-            self.out.send_data(P.llm_response(answer, call_id=call_id, request_id=turn.request_id), turn)
-            if context is None:
-                s.add_turn(text, answer, epoch)
-            self._log_turn(turn, job.stats, len(answer))
+            response = P.llm_response(answer, call_id=call_id, request_id=turn.request_id)
+
+            def finish() -> None:
+                self.out.send_data(response, turn)
+                if context is None:
+                    s.add_turn(text, answer, epoch)
+                self._log_turn(turn, job.stats, len(answer))
+
+            turn.emit(finish)
         except asyncio.CancelledError:
             job.cancel()
             if speaker is not None:
                 speaker.cancel()
             self._report_cancelled(turn)
-            if context is None and parts:
+            if context is None and parts and not turn.held:
                 # The caller heard (part of) this answer: keep it so the conversation stays coherent,
                 # unless the history was reset meanwhile (new call, stop_session).
                 s.add_turn(text, "".join(parts).strip(), epoch)
@@ -420,8 +545,7 @@ class SessionRunner:
                 speaker.cancel()
             if err.code == "cancelled":
                 return
-            err.request_id = turn.request_id
-            self.error(err)
+            self._turn_error(turn, err)
 
     async def _speak(self, turn: Turn, sentences: asyncio.Queue[tuple[str, bool] | None], enc: str,
                      rate: int) -> None:
@@ -443,8 +567,7 @@ class SessionRunner:
             try:
                 payload = await self._synthesize(speech, enc, rate)
             except ServerError as err:
-                err.request_id = turn.request_id
-                self.error(err)
+                self._turn_error(turn, err)
                 return
             if not payload:
                 continue
@@ -455,14 +578,18 @@ class SessionRunner:
                     rate: int) -> None:
         if turn.cancelled:
             return
-        if "first_audio" not in turn.timings:
-            turn.timings["first_audio"] = time.monotonic()
         if is_final:
             turn.timings["final_sent"] = 1.0
         header = P.tts_audio(call_id=self.session.call_id, mode="full", encoding=enc, sample_rate_hz=rate,
                              byte_length=len(payload), utterance_id=utterance_id, chunk_index=index,
                              is_final=is_final, request_id=turn.request_id)
-        self.out.send_audio(header, payload, turn)
+
+        def send() -> None:
+            # Stamped when it really goes out: a speculative turn's audio may have waited for the final.
+            turn.timings.setdefault("first_audio", time.monotonic())
+            self.out.send_audio(header, payload, turn)
+
+        turn.emit(send)
 
     async def _synthesize(self, text: str, enc: str, rate: int) -> bytes:
         audio, sr = await self.engines.synthesize(text)
@@ -479,17 +606,18 @@ class SessionRunner:
         def ms(key: str) -> float | None:
             return round((t[key] - base) * 1000, 1) if key in t else None
 
+        # A speculative answer's first token may come before the end of the utterance: negative here.
         first_token, first_audio = ms("llm_first_token"), ms("first_audio")
         total = round((done - base) * 1000, 1)
         if first_token is not None:
-            self.metrics.turn_seconds.labels("llm_first_token").observe(first_token / 1000)
+            self.metrics.turn_seconds.labels("llm_first_token").observe(max(0.0, first_token) / 1000)
         if first_audio is not None:
             self.metrics.turn_seconds.labels("first_audio").observe(first_audio / 1000)
         self.metrics.turn_seconds.labels("total").observe(total / 1000)
         log.info("turn.done", session=self.session.id, call_id=self.session.call_id, kind=turn.kind,
                  stt_ms=round(t["stt_ms"], 1) if "stt_ms" in t else None, llm_first_token_ms=first_token,
                  first_audio_ms=first_audio, total_ms=total, tokens=stats.get("tokens"),
-                 decode_tok_s=stats.get("decode_tok_s"), chars=chars)
+                 decode_tok_s=stats.get("decode_tok_s"), chars=chars, speculative="speculated" in t)
 
     # ------------------------------------------------------------------ tts requests
 
@@ -550,6 +678,10 @@ class SessionRunner:
             self._audio_q.get_nowait()
         if self._segmenter is not None:
             self._segmenter.reset()
+        if self._spec_turn is not None:
+            self._discard_spec_turn(self._spec_turn)
+            self._spec_turn = None
+        self._spec = None
         self._utterance_no += 1
         self._audio_since_final = False
 

@@ -146,3 +146,57 @@ async def test_barge_in_stops_the_answer(client_factory: Callable[..., Any],
     after = c.got.items[ack_index + 1:]
     assert not [1 for k, _ in after if k == "binary"], "audio of the cancelled answer arrived after the ack"
     assert not [v for k, v in after if k == "json" and v.get("type") in ("tts_audio", "llm_response")]
+
+
+def answer_events(server: ServerProc, call_id: str) -> list[dict[str, Any]]:
+    return [e for e in server.log_events() if e.get("event") == "turn.done" and e.get("call_id") == call_id]
+
+
+async def test_answer_starts_at_the_pause_and_speaks_after_the_final(
+        client_factory: Callable[..., Any], server: ServerProc, speak: Callable[[str], np.ndarray]) -> None:
+    """The answer is generated from the speculative final during the end-of-utterance window, but nothing
+    of it reaches the caller before the stt final: order stays stt final -> audio -> llm_response."""
+    confirmed = server.metric("las_speculative_turns_total", 'outcome="confirmed"')
+    c = await client_factory()
+    await c.request({"type": "set_mode", "mode": "full", "call_id": "spec-1"}, "mode_ready")
+    await c.stream(np.concatenate([silence(0.3), speak("What is the capital of France?"), silence(1.2)]),
+                   frame_ms=20)
+    response = await c.wait_type("llm_response", timeout=60)
+    assert response["text"].strip()
+    kinds = [k if k == "binary" else v["type"] for k, v in c.got.items]
+    final_index = next(i for i, (k, v) in enumerate(c.got.items)
+                       if k == "json" and v["type"] == "stt_result" and v["is_final"])
+    assert "tts_audio" not in kinds[:final_index] and "binary" not in kinds[:final_index]
+    assert final_index < kinds.index("binary") < kinds.index("llm_response")
+    assert kinds.count("llm_response") == 1
+    assert server.metric("las_speculative_turns_total", 'outcome="confirmed"') == confirmed + 1
+    (done,) = answer_events(server, "spec-1")
+    assert done["speculative"] is True and done["first_audio_ms"] is not None
+
+
+async def test_speaking_again_after_a_pause_discards_the_early_answer(
+        client_factory: Callable[..., Any], server: ServerProc, speak: Callable[[str], np.ndarray]) -> None:
+    """A 350 ms pause mid-sentence: long enough to start an answer to the first half, too short to end the
+    utterance. The caller goes on, so that answer is dropped unheard and the whole sentence is answered."""
+    started = server.metric("las_speculative_turns_total", 'outcome="started"')
+    discarded = server.metric("las_speculative_turns_total", 'outcome="discarded"')
+    c = await client_factory()
+    await c.request({"type": "set_mode", "mode": "full", "call_id": "spec-2"}, "mode_ready")
+    first, second = "I would like to book a table.", "For two people at seven tonight, please."
+    half = speak(first)
+    voiced = np.nonzero(np.abs(half) > 0.02)[0]
+    half = half[: voiced[-1] + 1]  # Piper's own trailing silence would make the pause longer
+    await c.stream(np.concatenate([silence(0.3), half, silence(0.35), speak(second), silence(1.2)]),
+                   frame_ms=20)
+    await c.wait_type("llm_response", timeout=60)
+    finals = [m for m in c.got.json("stt_result") if m["is_final"]]
+    assert len(finals) == 1 and "seven" in finals[0]["text"].lower() and "table" in finals[0]["text"].lower()
+    assert server.metric("las_speculative_turns_total", 'outcome="started"') >= started + 1
+    assert server.metric("las_speculative_turns_total", 'outcome="discarded"') >= discarded + 1
+    # One answer reached the caller, after the one final, as one utterance of audio.
+    assert len(c.got.json("llm_response")) == 1
+    items = c.got.items
+    final_index = next(i for i, (k, v) in enumerate(items) if k == "json" and v is finals[0])
+    assert not [1 for k, v in items[:final_index] if k == "binary" or v.get("type") == "tts_audio"]
+    assert len({h["utterance_id"] for h, _ in audio_pairs(c)}) == 1
+    assert len(answer_events(server, "spec-2")) == 1

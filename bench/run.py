@@ -647,7 +647,7 @@ def synthesize(sentences: list[str]) -> dict[str, np.ndarray]:
     sel = read_selection(ROOT / "models")
     if sel is None:
         raise RuntimeError(f"no models installed in {ROOT / 'models'}: run ./install.sh")
-    tts = PiperTts(sel.path("tts"), threads=max(1, min(2, os.cpu_count() or 1)))
+    tts = PiperTts(sel.path("tts"), threads=max(1, min(2, os.cpu_count() or 1)), variation=False)
     out = {}
     for s in sentences:
         out[s] = trim_silence(resample(tts.synthesize_all(s), tts.sample_rate, RATE))

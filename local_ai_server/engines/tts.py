@@ -12,10 +12,10 @@ import numpy as np
 class PiperTts:
     """A loaded Piper voice with an explicit thread budget and no busy-waiting threads."""
 
-    def __init__(self, model_path: Path, *, threads: int) -> None:
+    def __init__(self, model_path: Path, *, threads: int, variation: bool = True) -> None:
         import onnxruntime
         from piper import PiperVoice
-        from piper.config import PiperConfig
+        from piper.config import PiperConfig, SynthesisConfig
 
         config_path = Path(f"{model_path}.json")
         if not model_path.is_file() or not config_path.is_file():
@@ -33,10 +33,13 @@ class PiperTts:
         self.path = model_path
         self.sample_rate: int = config.sample_rate
         self._voice = PiperVoice(session=session, config=config)
+        # Piper samples noise into every rendition; without it the same text is always the same audio
+        # (what tests and benchmarks that must repeat themselves want).
+        self._syn = None if variation else SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
 
     def synthesize(self, text: str) -> Iterator[np.ndarray]:
         """Yield float32 mono audio at `sample_rate`, one array per sentence Piper finds."""
-        for chunk in self._voice.synthesize(text):
+        for chunk in self._voice.synthesize(text, self._syn):
             yield np.asarray(chunk.audio_float_array, dtype=np.float32)
 
     def synthesize_all(self, text: str) -> np.ndarray:

@@ -307,7 +307,9 @@ def measure_stt(model_dir: Path, threads: int, *, voice_path: Path | None = None
     from local_ai_server.engines.tts import PiperTts
 
     try:
-        voice = PiperTts(Path(voice_path) if voice_path is not None else default_voice_path(), threads=1)
+        # The same rendition every run: the word error rate check must not depend on Piper's noise.
+        voice = PiperTts(Path(voice_path) if voice_path is not None else default_voice_path(), threads=1,
+                         variation=False)
         stt = WhisperStt(Path(model_dir), threads=threads)
     except FileNotFoundError as exc:
         raise BenchError(f"STT probe: {exc}") from None

@@ -99,7 +99,7 @@ async def _run_turn(
     try:
         if pool.state != "ready":
             raise RuntimeError(f"the LLM did not load: {pool.error}")
-        tts = PiperTts(tts_path, threads=tts_threads)
+        tts = PiperTts(tts_path, threads=tts_threads, variation=False)
         stt = WhisperStt(stt_path, threads=stt_threads)
         tts.warm_up()
         stt.warm_up()

@@ -190,7 +190,7 @@ def speak(models_dir: Path) -> Callable[[str], np.ndarray]:
 
     sel = read_selection(models_dir)
     assert sel is not None
-    tts = PiperTts(sel.path("tts"), threads=1)
+    tts = PiperTts(sel.path("tts"), threads=1, variation=False)  # the same audio every run
     cache: dict[str, np.ndarray] = {}
 
     def _speak(text: str) -> np.ndarray:

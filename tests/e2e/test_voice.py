@@ -190,7 +190,8 @@ async def test_speaking_again_after_a_pause_discards_the_early_answer(
                    frame_ms=20)
     await c.wait_type("llm_response", timeout=60)
     finals = [m for m in c.got.json("stt_result") if m["is_final"]]
-    assert len(finals) == 1 and "seven" in finals[0]["text"].lower() and "table" in finals[0]["text"].lower()
+    text = finals[0]["text"].lower()
+    assert len(finals) == 1 and ("seven" in text or "7" in text) and "table" in text
     assert server.metric("las_speculative_turns_total", 'outcome="started"') >= started + 1
     assert server.metric("las_speculative_turns_total", 'outcome="discarded"') >= discarded + 1
     # One answer reached the caller, after the one final, as one utterance of audio.

@@ -107,6 +107,8 @@ LONG_ENV = {"LOCAL_LLM_MAX_TOKENS": "1500", "LOCAL_LLM_CONTEXT": "4096", "LOCAL_
             # wants whole generations, so the limit is raised (it changes nothing while under 60 s).
             "LOCAL_LLM_INFER_TIMEOUT_SEC": "600"}
 BARE_N_CTX = 4096
+# A pause before each decode-rate run, so both sides of a pair start from an equally rested machine.
+PAIR_REST_S = 1.0
 DROPPED = "las_audio_frames_dropped_total"
 
 GOALS: dict[str, tuple[str, float]] = {
@@ -149,10 +151,10 @@ def make_plan(quick: bool, turns: int | None) -> Plan:
         return Plan(quick=True, v2fa_turns=max(10, turns or 10), turns_per_connection=4,
                     status_idle_samples=60, status_llm_samples=200, idle_connections=100, stt_samples=3,
                     tts_samples=5, reloads=4,
-                    rate_runs=3, rate_token_cap=400, stt_sessions=False, stt_session_utterances=2)
+                    rate_runs=4, rate_token_cap=400, stt_sessions=False, stt_session_utterances=2)
     return Plan(quick=False, v2fa_turns=max(20, turns or 24), turns_per_connection=4, status_idle_samples=100,
                 status_llm_samples=400, idle_connections=100, stt_samples=8, tts_samples=12, reloads=8,
-                rate_runs=5, rate_token_cap=800, stt_sessions=True, stt_session_utterances=2)
+                rate_runs=10, rate_token_cap=800, stt_sessions=True, stt_session_utterances=2)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -1431,13 +1433,28 @@ async def run_benchmark(plan: Plan, tmp: Path) -> dict[str, Any]:
             try:
                 await bare.start()
                 assert bare.proc is not None
-                for i in range(plan.rate_runs):
-                    br = await with_cpu_share(bare.proc.pid, threads, bare.run())
-                    bare_runs.append(br)
+                async def bare_run() -> dict[str, Any]:
+                    assert bare.proc is not None
+                    await asyncio.sleep(PAIR_REST_S)
+                    return await with_cpu_share(bare.proc.pid, threads, bare.run())
+
+                async def server_run(i: int) -> dict[str, Any]:
                     st = await wait_pool_idle(b.url)
                     worker = next(iter(st.get("pool", {}).get("pids") or []), None)
-                    sr = await with_cpu_share(worker, threads,
-                                              server_decode_rate(b.url, plan.rate_token_cap, str(i)))
+                    await asyncio.sleep(PAIR_REST_S)
+                    return await with_cpu_share(worker, threads,
+                                                server_decode_rate(b.url, plan.rate_token_cap, str(i)))
+
+                for i in range(plan.rate_runs):
+                    # Alternate which side goes first: on this kind of VM the second of two back-to-back
+                    # generations is measurably slower, which would otherwise always count against one side.
+                    if i % 2 == 0:
+                        br = await bare_run()
+                        sr = await server_run(i)
+                    else:
+                        sr = await server_run(i)
+                        br = await bare_run()
+                    bare_runs.append(br)
                     server_runs.append(sr)
                     progress(f"  pair {i + 1}: bare {br.get('tok_s')} tok/s (cpu share {br.get('cpu_share')},"
                              f" external {br.get('external_cores')} cores), server {sr.get('tok_s')} tok/s "
@@ -1661,7 +1678,8 @@ def add_notes(res: dict[str, Any]) -> None:
                  f"({v.get('endpoint_delay_pairs')} pairs; "
                  "it includes the 500 ms segment silence the server waits for).")
     dr = d.get("decode_rate", {})
-    notes.append(f"decode rates: median of {dr.get('pairs')} back-to-back bare/server pairs (the ratio is "
+    notes.append(f"decode rates: median of {dr.get('pairs')} bare/server pairs, alternating which goes "
+                 "first (the ratio is "
                  f"the median of the per-pair ratios), first {dr.get('token_cap')} tokens of the "
                  f"same prompt (temperature 0), n_threads={dr.get('threads')}, GOMP_SPINCOUNT=1000 for both; "
                  "server rate from llm_token arrival times at the client, bare from chunk times in-process.")

@@ -24,8 +24,13 @@ log = structlog.get_logger(__name__)
 
 # Grace between asking a worker to stop a timed-out generation and killing it.
 KILL_GRACE_S = 2.0
-# Longest a generated token waits in the worker to travel with the next ones.
+# Longest a generated token waits in the worker to travel with the next ones: briefly while the first
+# sentence is being written (the caller waits for it), longer after that (later sentences are spoken
+# while earlier ones play, so nobody waits for them). Every message wakes the server and the client,
+# and on a small machine each wake-up stalls the decode: fewer messages, faster tokens.
 COALESCE_S = 0.025
+COALESCE_LATE_S = 0.1
+FAST_PHASE_S = 1.0
 
 
 def _worker_main(conn: Connection, model_path: str | None, params: LlmParams) -> None:
@@ -86,7 +91,8 @@ def _worker_main(conn: Connection, model_path: str | None, params: LlmParams) ->
                 if first is None:
                     first = now
                 pending.append(delta)
-                if now - last_send >= COALESCE_S or tokens == 1:
+                window = COALESCE_S if now - first < FAST_PHASE_S else COALESCE_LATE_S
+                if now - last_send >= window or tokens == 1:
                     conn.send(("tok", job_id, "".join(pending), len(pending)))
                     pending.clear()
                     last_send = now

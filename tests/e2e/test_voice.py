@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import itertools
 import re
+import subprocess
+import sys
+import wave
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jiwer
@@ -15,6 +19,7 @@ from local_ai_server.audio import is_silent, mulaw_decode, pcm16_to_float32
 
 from .conftest import Client, ServerProc, silence
 
+ROOT = Path(__file__).resolve().parents[2]
 SENTENCE = "I would like to book a table for two people at seven tonight."
 
 
@@ -201,3 +206,15 @@ async def test_speaking_again_after_a_pause_discards_the_early_answer(
     assert not [1 for k, v in items[:final_index] if k == "binary" or v.get("type") == "tts_audio"]
     assert len({h["utterance_id"] for h, _ in audio_pairs(c)}) == 1
     assert len(answer_events(server, "spec-2")) == 1
+
+
+def test_voice_turn_script_talks_to_the_server(server: ServerProc, tmp_path: Path) -> None:
+    """scripts/voice_turn.py, the operator's first check, really completes a turn and writes the answer."""
+    out = tmp_path / "answer.wav"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "voice_turn.py"), "--url", server.url,
+                           "--text", "What is the capital of France?", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "heard:    'What is the capital of France?'" in proc.stdout and "answered:" in proc.stdout
+    with wave.open(str(out)) as w:
+        assert w.getframerate() == 16000 and w.getnframes() > 16000 * 0.5

@@ -23,6 +23,7 @@ from local_ai_server.setup.download import DownloadError, apply_mirror, download
 from local_ai_server.setup.fetch import LogFn, fetch_tier, verify_tier
 from local_ai_server.setup.hardware import Hardware, detect
 from local_ai_server.setup.installation import now_iso, read_record, record_path, write_record
+from local_ai_server.setup.jsonfile import write_json_atomic
 from local_ai_server.setup.plan import Bench, Constraints, PlanError, make_plan, resolve_tier
 from local_ai_server.setup.registry import (
     ROLES,
@@ -257,7 +258,8 @@ def _record_doc(registry: Registry, tier: Tier, plan_doc: dict[str, Any]) -> dic
     row = rows.get(tier.name.lower())
     if row is None or not isinstance(row.get("prediction"), dict):
         raise SetupError(f"the plan has no prediction for tier {tier.name}; re-run `model_setup.py plan`")
-    inputs = plan_doc.get("inputs") if isinstance(plan_doc.get("inputs"), dict) else {}
+    raw_inputs = plan_doc.get("inputs")
+    inputs: dict[str, Any] = raw_inputs if isinstance(raw_inputs, dict) else {}
     device = inputs.get("device", {}) if tier.name == plan_doc.get("tier") else {}
     constraints = inputs.get("constraints", {}) if isinstance(inputs.get("constraints"), dict) else {}
     settings: dict[str, str] = {}
@@ -556,11 +558,7 @@ def _save(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     target = getattr(args, "out", None)
     if target is None:
         return
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
+    write_json_atomic(Path(target), doc)
 
 
 def _hardware(args: argparse.Namespace) -> Hardware:

@@ -15,7 +15,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any
 
 from local_ai_server.setup.fetch import LogFn, structlog_log
 from local_ai_server.setup.hardware import Hardware
+from local_ai_server.setup.jsonfile import write_json_atomic
 from local_ai_server.setup.plan import LLM_MAX_THREADS, STT_MAX_THREADS, TTS_MAX_THREADS, Bench, PlanError
 from local_ai_server.setup.probe import TINYLLAMA_1B, ProbeShape, build_probe
 from local_ai_server.setup.registry import Model, Registry, SetupError, load_registry
@@ -501,7 +501,7 @@ def run_bench(
         Bench.from_dict(doc)
     except PlanError as exc:
         raise BenchError(f"bench result is unusable: {exc}") from None
-    _write_json(cached_file, doc)
+    write_json_atomic(cached_file, doc)
     log("bench.done", path=str(cached_file), fingerprint=fp)
     return doc
 
@@ -592,21 +592,6 @@ def _read_cached(path: Path, probe_file: Path) -> dict[str, Any] | None:
     if probe.get("path") != str(probe_file):
         return None
     return doc
-
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- child-process entry -----------------------------------------------------------------------------

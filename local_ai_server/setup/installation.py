@@ -8,15 +8,14 @@ operator can compare what the installer promised with what the server does.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from local_ai_server.setup.jsonfile import write_json_atomic
 from local_ai_server.setup.registry import SetupError
 
 INSTALL_FILENAME = "install.json"
@@ -83,20 +82,7 @@ def now_iso() -> str:
 def write_record(models_dir: Path, doc: Mapping[str, Any]) -> Path:
     """Validate `doc` and write it atomically as models_dir/install.json; return the path."""
     parse_record(doc, source="<new record>")  # never write what the server would refuse to read
-    target = record_path(models_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".install-", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_json_atomic(record_path(models_dir), doc)
 
 
 def read_record(models_dir: Path) -> InstallRecord | None:

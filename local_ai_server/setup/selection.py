@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from local_ai_server.setup.jsonfile import write_json_atomic
 from local_ai_server.setup.registry import ROLES, Registry, SetupError
 
 SELECTION_FILENAME = "selected.json"
@@ -96,21 +96,8 @@ def write_selection(models_dir: Path, registry: Registry, tier: str) -> Path:
     data: dict[str, Any] = {"schema_version": SELECTION_SCHEMA_VERSION, "tier": tier_obj.name}
     for role, model in registry.tier_models(tier).items():
         data[role] = {"id": model.id, "path": model.dest, "display": model.display}
-    target = selection_path(models_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Write-then-rename: a server starting mid-write sees the old file or the new one, never half.
-    fd, tmp = tempfile.mkstemp(prefix=".selected-", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_json_atomic(selection_path(models_dir), data)
 
 
 def read_selection(models_dir: Path) -> Selection | None:

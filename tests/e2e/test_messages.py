@@ -132,8 +132,17 @@ async def test_switch_model_global_and_reload(client_factory: Callable[..., Any]
         reply = await c.request({"type": "switch_model", "llm_model_path": str(bad), "request_id": "g4"},
                                 "switch_response", timeout=60)
         assert reply["status"] == "error", reply
+        # reload_llm onto the same corrupt file: reload_response error, then the error envelope.
+        reply = await c.request({"type": "reload_llm", "model_path": str(bad), "request_id": "rl0"},
+                                "reload_response", timeout=60)
+        assert reply["status"] == "error" and reply["request_id"] == "rl0", reply
+        assert "/" not in reply["message"]
+        err = await c.wait_type("error", request_id="rl0")
+        assert err["code"] == "engine_error", err
     finally:
         bad.unlink()
+    status = await c.request({"type": "status"}, "status_response")
+    assert status["models"]["llm"]["path"] == llm_path and status["models"]["llm"]["loaded"] is True
     answer = await c.request({"type": "llm_request", "text": "Say hello."}, "llm_response")
     assert answer["text"]
     # A global system prompt applies to every session without its own, even with dry_run (AVA's engine

@@ -1,12 +1,17 @@
 """Soak benchmark: N sessions doing full voice turns for a while; reports RSS and file-descriptor growth.
 
-    python bench/soak.py [--minutes 30] [--sessions 10] [--warmup-s 60] [--json]
+    python bench/soak.py [--minutes 30] [--sessions 10] [--warmup-s 150] [--settle-s 35] [--json]
 
 Each session streams real-time 20 ms frames of line noise, says a question (Piper speech) and waits for
 the answer's `llm_response`, again and again, on one connection; every few turns it reconnects (a new
-call), so connection set-up and tear-down are soaked too. Memory and descriptors of the server (main
-process plus LLM workers) are sampled after a warm-up and at the end. Goals: RSS growth < 5 %, no
-descriptor growth.
+call), so connection set-up and tear-down are soaked too.
+
+Memory and descriptors of the server (main process plus LLM workers) are compared at rest: after the
+warm-up every caller hangs up and the server is left idle for `--settle-s` (longer than its 30 s
+malloc_trim cycle), then sampled; after the soak, the same again. What the idle server holds after the
+soak and did not hold before is what leaked; the figures sampled while calls run (which swing with the
+work in flight and the freed memory not yet trimmed) are reported as the peak. Goals: RSS growth < 5 %,
+no descriptor growth.
 """
 
 from __future__ import annotations
@@ -85,25 +90,30 @@ async def caller(srv: bench.Server, idx: int, speech: dict[str, Any], deadline: 
         stats["calls"] += 1
 
 
-async def soak(minutes: float, sessions: int, warmup_s: float, tmp: Path) -> dict[str, Any]:
+async def soak(minutes: float, sessions: int, warmup_s: float, tmp: Path, settle_s: float) -> dict[str, Any]:
     """Run the soak and return its figures."""
     speech = bench.synthesize(list(QUESTIONS))
     srv = bench.start_server("soak", tmp)
     stats: dict[str, Any] = {"turns": 0, "calls": 0, "errors": [], "error_replies": 0}
-    try:
-        t0 = time.monotonic()
-        deadline = t0 + warmup_s + minutes * 60
+    samples: list[dict[str, Any]] = []
+
+    async def calls_until(deadline: float) -> None:
+        """Every session calls until the deadline; sample every 30 s meanwhile; wait until all hung up."""
         tasks = [asyncio.ensure_future(caller(srv, i, speech, deadline, stats)) for i in range(sessions)]
-        await asyncio.sleep(warmup_s)
-        start = sample(srv)
-        turns_at_start = stats["turns"]
-        samples = [start]
         while time.monotonic() < deadline:
             await asyncio.sleep(min(30.0, max(0.1, deadline - time.monotonic())))
             samples.append(sample(srv))
         await asyncio.gather(*tasks, return_exceptions=True)
-        # Every session has hung up: what is still held now is what leaked.
-        await asyncio.sleep(2)
+
+    try:
+        await calls_until(time.monotonic() + warmup_s)
+        await asyncio.sleep(settle_s)
+        start = sample(srv)
+        turns_at_start = stats["turns"]
+        samples.clear()
+        await calls_until(time.monotonic() + minutes * 60)
+        # Every session has hung up and the server has trimmed its heap: what it still holds leaked.
+        await asyncio.sleep(settle_s)
         end = sample(srv)
     finally:
         code = srv.stop()
@@ -121,7 +131,10 @@ async def soak(minutes: float, sessions: int, warmup_s: float, tmp: Path) -> dic
         "end": end,
         "rss_growth_pct": round(rss_growth, 2),
         "fd_growth": end["fds_total"] - start["fds_total"],
+        "settle_s": settle_s,
+        "rss_mb_peak_under_load": max((s["rss_mb_total"] for s in samples), default=None),
         "rss_mb_samples": [s["rss_mb_total"] for s in samples],
+        "rss_mb_samples_main": [round(s["rss_mb_main"], 1) for s in samples],
         "server_exit_code": code,
         "goals": {"rss_growth_pct": "< 5", "fd_growth": "<= 0"},
     }
@@ -132,16 +145,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--minutes", type=float, default=30.0)
     p.add_argument("--sessions", type=int, default=10)
-    p.add_argument("--warmup-s", type=float, default=60.0)
+    p.add_argument("--warmup-s", type=float, default=150.0,
+                   help="calls before the first sample: long enough for every session to finish a call")
+    p.add_argument("--settle-s", type=float, default=35.0,
+                   help="idle time before each memory sample (longer than the server's 30 s trim cycle)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="las-soak-") as tmp:
-        res = asyncio.run(soak(args.minutes, args.sessions, args.warmup_s, Path(tmp)))
+        res = asyncio.run(soak(args.minutes, args.sessions, args.warmup_s, Path(tmp), args.settle_s))
     print(f"soak: {res['sessions']} sessions x {res['minutes']} min: {res['turns_measured']} turns measured "
           f"({res['turns']} total, {res['calls']} calls), {len(res['errors'])} failed turns, "
           f"{res['error_replies']} error replies")
-    print(f"  RSS (server + workers) {res['start']['rss_mb_total']} -> {res['end']['rss_mb_total']} MB "
-          f"({res['rss_growth_pct']:+.2f} %, goal < 5 %)")
+    print(f"  RSS at rest (server + workers) {res['start']['rss_mb_total']} -> {res['end']['rss_mb_total']} MB "
+          f"({res['rss_growth_pct']:+.2f} %, goal < 5 %); peak under load {res['rss_mb_peak_under_load']} MB")
     print(f"  file descriptors {res['start']['fds_total']} -> {res['end']['fds_total']} "
           f"({res['fd_growth']:+d}, goal <= 0)")
     if args.json:

@@ -17,6 +17,7 @@ import structlog
 
 from . import logsetup
 from .config import ConfigError, ServerConfig, from_env, validate, with_overrides
+from .heap import limit_arenas
 from .setup.installation import InstallRecord, InstallRecordError, read_record
 from .setup.registry import SetupError
 from .setup.selection import default_models_dir, read_selection
@@ -90,6 +91,7 @@ def _install_record(models_dir: Path, tier: str | None, warnings: list[str]) -> 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `local-ai-server` console script."""
+    arenas = limit_arenas()  # before any thread exists (the server and its engines are imported below)
     warnings: list[str] = []
     try:
         cfg = load_config(argv, warnings=warnings)
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
              llm=str(cfg.llm.model_path) if cfg.llm.model_path else None,
              tts=str(cfg.tts.model_path) if cfg.tts.model_path else None,
              llm_threads=cfg.llm.threads, stt_threads=cfg.stt.threads, tts_threads=cfg.tts.threads,
-             auth=cfg.auth_token is not None)
+             auth=cfg.auth_token is not None, malloc_arenas=arenas)
     from .server import run
 
     try:

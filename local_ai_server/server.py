@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
-import ctypes.util
 import hmac
 import itertools
 import json
@@ -27,6 +25,7 @@ from websockets.typing import Origin
 from . import protocol as P
 from .config import ServerConfig, cpu_count
 from .errors import Busy, InvalidField, ServerError
+from .heap import malloc_trim
 from .metrics import Metrics
 from .pipeline import SessionRunner, Turn
 from .runtime import FETCH_HINT, Engines
@@ -190,7 +189,7 @@ class VoiceServer:
 
     async def _trim_memory(self, every_s: float = 30.0) -> None:
         """Hand freed heap back to the OS now and then (glibc keeps it in per-thread arenas otherwise)."""
-        trim = _malloc_trim()
+        trim = malloc_trim()
         if trim is None:
             return
         while True:
@@ -534,15 +533,6 @@ class VoiceServer:
         if request_id is not None:
             msg["request_id"] = request_id
         return msg
-
-
-def _malloc_trim() -> Any:
-    """glibc's malloc_trim, or None on other C libraries."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 def _task_name(task: asyncio.Task[Any]) -> str:

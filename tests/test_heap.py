@@ -1,0 +1,33 @@
+"""glibc heap settings: the arena cap reaches this process and the workers it spawns; the operator's wins."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from local_ai_server import heap
+
+
+def test_default_cap_is_exported_for_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert heap.limit_arenas() == heap.DEFAULT_ARENAS
+    assert os.environ["MALLOC_ARENA_MAX"] == str(heap.DEFAULT_ARENAS)
+    # A spawned process (as the LLM workers are) sees the cap.
+    out = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('MALLOC_ARENA_MAX'))"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == str(heap.DEFAULT_ARENAS)
+
+
+def test_the_operators_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "6")
+    assert heap.limit_arenas() == 6
+    assert os.environ["MALLOC_ARENA_MAX"] == "6"
+
+
+def test_trim_is_callable_on_glibc() -> None:
+    trim = heap.malloc_trim()
+    assert trim is not None, "this machine runs glibc: malloc_trim must be found"
+    assert trim(0) in (0, 1)

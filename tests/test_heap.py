@@ -12,7 +12,9 @@ from local_ai_server import heap
 
 
 def test_default_cap_is_exported_for_workers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    # setenv first, so monkeypatch restores the variable's original state after limit_arenas() sets it.
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "")
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
     assert heap.limit_arenas() == heap.DEFAULT_ARENAS
     assert os.environ["MALLOC_ARENA_MAX"] == str(heap.DEFAULT_ARENAS)
     # A spawned process (as the LLM workers are) sees the cap.

@@ -19,6 +19,7 @@ import structlog
 
 from .engines.llm import LlmParams, SamplingParams
 from .errors import Busy, Cancelled, EngineError, ModelLoadError, NotReady, ServerError, Timeout, describe
+from .heap import malloc_trim
 
 log = structlog.get_logger(__name__)
 
@@ -31,6 +32,9 @@ KILL_GRACE_S = 2.0
 COALESCE_S = 0.025
 COALESCE_LATE_S = 0.1
 FAST_PHASE_S = 1.0
+# A worker idle this long hands its freed heap back to the OS (glibc keeps it otherwise); back-to-back
+# requests never wait for the trim.
+IDLE_TRIM_S = 1.0
 
 
 def _worker_main(conn: Connection, model_path: str | None, params: LlmParams) -> None:
@@ -50,8 +54,13 @@ def _worker_main(conn: Connection, model_path: str | None, params: LlmParams) ->
         conn.send(("ready", None, describe(exc)))
         return
     stop_after = False
+    trim = malloc_trim()
+    trimmed = False  # loading and warm-up freed a lot
     while not stop_after:
         try:
+            if trim is not None and not trimmed and not conn.poll(IDLE_TRIM_S):
+                trim(0)
+                trimmed = True
             msg = conn.recv()
         except (EOFError, OSError):
             return  # parent is gone: exit rather than linger as an orphan
@@ -61,6 +70,7 @@ def _worker_main(conn: Connection, model_path: str | None, params: LlmParams) ->
         if kind != "gen":
             continue  # a late cancel for a finished job
         _, job_id, messages, sampling = msg
+        trimmed = False
         cancelled = False
         tokens = 0
         t0 = time.monotonic()

@@ -33,3 +33,14 @@ def test_trim_is_callable_on_glibc() -> None:
     trim = heap.malloc_trim()
     assert trim is not None, "this machine runs glibc: malloc_trim must be found"
     assert trim(0) in (0, 1)
+
+
+def test_in_use_bytes_sees_an_allocation_and_its_release() -> None:
+    before = heap.in_use_bytes()
+    assert before is not None, "this machine runs glibc >= 2.33: mallinfo2 must be found"
+    block = bytearray(8 * 1024 * 1024)  # above the mmap threshold: its own chunk
+    held = heap.in_use_bytes()
+    assert held is not None and held - before >= 8 * 1024 * 1024
+    del block
+    after = heap.in_use_bytes()
+    assert after is not None and after < held - 4 * 1024 * 1024

@@ -6,6 +6,7 @@ import asyncio
 import multiprocessing
 import os
 import signal
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from pathlib import Path
@@ -389,3 +390,69 @@ async def test_close_stops_every_worker_and_cancels_jobs(make_pool: PoolFactory)
     assert pool.snapshot() == {"workers": 0, "busy": 0, "queued": 0, "pids": [], "state": "stopped"}
     with pytest.raises(NotReady):
         pool.submit(SHORT, SHORT_SAMPLING)
+
+
+class _ScriptedEngine:
+    """Stands in for LlamaEngine inside _worker_main (this test is about the worker's loop, not the model)."""
+
+    def __init__(self, path: Path, params: LlmParams) -> None:
+        self.path = path
+
+    def warm_up(self) -> None:
+        pass
+
+    def stream(self, messages: Any, sampling: Any, should_stop: Callable[[], bool]) -> Any:
+        yield from ("Hello", " there.")
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "scripted", "n_ctx": 64}
+
+
+def test_an_idle_worker_hands_freed_heap_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The worker trims once it has been idle (after warm-up and after every answer), never while a
+    # request waits: its resting RSS no longer keeps the high-water mark of the last generation.
+    import threading
+
+    from local_ai_server import llm_pool
+    from local_ai_server.engines import llm as llm_engine
+
+    events: list[str] = []
+    monkeypatch.setattr(llm_engine, "LlamaEngine", _ScriptedEngine)
+    def trim(pad: int) -> int:
+        events.append("trim")
+        return 1
+
+    monkeypatch.setattr(llm_pool, "malloc_trim", lambda: trim)
+    monkeypatch.setattr(llm_pool, "IDLE_TRIM_S", 0.05)
+    parent, child = multiprocessing.Pipe()
+
+    def trims(n: int) -> None:
+        """Wait (bounded) until the worker has trimmed n times; a missing trim fails the asserts below."""
+        deadline = time.monotonic() + 10
+        while events.count("trim") < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def drive() -> None:
+        """The pool's side of the pipe: wait for ready, ask for one answer, read it, then stop."""
+        try:
+            events.append(parent.recv()[0])
+            trims(1)
+            parent.send(("gen", 1, SHORT, SHORT_SAMPLING))
+            while (kind := parent.recv()[0]) != "done":
+                events.append(kind)
+            events.append(kind)
+            trims(2)
+        finally:
+            parent.send(("stop",))
+
+    thread = threading.Thread(target=drive, daemon=True)
+    thread.start()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        llm_pool._worker_main(child, str(tmp_path / "model.gguf"), PARAMS)  # main thread: it sets SIGINT
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    thread.join(BOUND_S)
+    assert events[0] == "ready" and events[1] == "trim"
+    assert events[-1] == "trim" and events[-2] == "done"
+    assert "trim" not in events[2:-2], events  # not between the request and its answer

@@ -255,7 +255,7 @@ class Client:
     async def send(self, msg: dict[str, Any] | bytes | str) -> None:
         await self.ws.send(msg if isinstance(msg, (bytes, str)) else json.dumps(msg))
 
-    async def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 60) -> dict[str, Any]:
+    async def wait_for(self, pred: Callable[[dict[str, Any]], Any], timeout: float = 60) -> dict[str, Any]:
         """The first received JSON message (old or new) matching `pred`."""
         deadline = asyncio.get_running_loop().time() + timeout
         seen = 0

@@ -130,8 +130,8 @@ async def test_server_without_models_starts_and_says_what_is_missing(tmp_path: P
         err = await c.request({"type": "tts_request", "text": "hi", "request_id": "y"}, "error")
         assert err["code"] == "not_ready"
         # The AVA-compatible fallback too: an empty tts_response for that text, so no client waits it out.
-        empty = await c.wait_type("tts_response", request_id="y")
-        assert empty["text"] == "hi" and empty["byte_length"] == 0 and empty["audio_data"] == ""
+        fallback = await c.wait_type("tts_response", request_id="y")
+        assert fallback["text"] == "hi" and fallback["byte_length"] == 0 and fallback["audio_data"] == ""
         await c.request({"type": "set_mode", "mode": "stt"}, "mode_ready")
         await c.send(b"\x00\x00" * 3200)
         res = await c.wait_type("stt_result")

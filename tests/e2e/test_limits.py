@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import websockets
+from websockets.typing import Origin
 
 from .conftest import Client, ServerProc, silence, start_server
 
@@ -102,9 +103,9 @@ async def test_origin_allow_list(models_dir: Path, tmp_path: Path) -> None:
                        env={"LOCAL_WS_ALLOWED_ORIGINS": "https://good.example"})
     try:
         with pytest.raises(websockets.InvalidStatus) as info:
-            await websockets.connect(srv.url, origin="https://evil.example")
+            await websockets.connect(srv.url, origin=Origin("https://evil.example"))
         assert info.value.response.status_code == 403
-        ok = await websockets.connect(srv.url, origin="https://good.example")
+        ok = await websockets.connect(srv.url, origin=Origin("https://good.example"))
         await ok.close()
         # Non-browser clients send no Origin and are not affected.
         plain = await websockets.connect(srv.url)

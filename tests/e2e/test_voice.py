@@ -107,7 +107,7 @@ async def test_full_mode_turn(client_factory: Callable[..., Any], speak: Callabl
     assert wer(question, final["text"]) <= 0.1, final["text"]
     pairs = audio_pairs(c)
     assert pairs, "no audio was sent"
-    want_enc, want_rate = (encoding, rate) if encoding else ("mulaw", 8000)
+    want_enc, want_rate = (encoding, rate) if encoding and rate else ("mulaw", 8000)
     utterances = {h["utterance_id"] for h, _ in pairs}
     assert len(utterances) == 1
     total_s = 0.0

@@ -131,6 +131,7 @@ def test_probe_loads_and_decodes_with_llama_cpp(tiny_probe: Path) -> None:
     assert llm.n_vocab() == TEST_TINY.n_vocab
     assert llama_cpp.llama_model_n_params(llm.model) == TEST_TINY.params
     out = llm.create_completion("hello", max_tokens=6, temperature=0.0)
+    assert isinstance(out, dict)  # not streamed
     assert out["usage"]["completion_tokens"] >= 1
     # Raw token ids, as the bench feeds them.
     llm.reset()

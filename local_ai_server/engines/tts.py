@@ -17,6 +17,10 @@ class PiperTts:
         from piper import PiperVoice
         from piper.config import PiperConfig, SynthesisConfig
 
+        from . import espeak
+
+        espeak.install()  # piper's own clause splitter leaks every clause (a long-running server's RSS)
+
         config_path = Path(f"{model_path}.json")
         if not model_path.is_file() or not config_path.is_file():
             raise FileNotFoundError("TTS voice (.onnx and .onnx.json) not found")

@@ -1,6 +1,6 @@
 """Soak benchmark: N sessions doing full voice turns for a while; reports RSS and file-descriptor growth.
 
-    python bench/soak.py [--minutes 30] [--sessions 10] [--warmup-s 150] [--settle-s 35] [--json]
+    python bench/soak.py [--minutes 30] [--sessions 10] [--warmup-s 150] [--settle-s 35] [--no-fill] [--json]
 
 Each session streams real-time 20 ms frames of line noise, says a question (Piper speech) and waits for
 the answer's `llm_response`, again and again, on one connection; every few turns it reconnects (a new
@@ -10,8 +10,10 @@ Memory and descriptors of the server (main process plus LLM workers) are compare
 warm-up every caller hangs up and the server is left idle for `--settle-s` (longer than its 30 s
 malloc_trim cycle), then sampled; after the soak, the same again. What the idle server holds after the
 soak and did not hold before is what leaked; the figures sampled while calls run (which swing with the
-work in flight and the freed memory not yet trimmed) are reported as the peak. Goals: RSS growth < 5 %,
-no descriptor growth.
+work in flight and the freed memory not yet trimmed) are reported as the peak. Before the warm-up, one
+request per LLM worker nearly fills its context window, so the buffers a worker allocated for its whole
+context are resident before the first sample (see `fill_llm_context`). Goals: RSS growth < 5 %, no
+descriptor growth.
 """
 
 from __future__ import annotations
@@ -90,7 +92,46 @@ async def caller(srv: bench.Server, idx: int, speech: dict[str, Any], deadline: 
         stats["calls"] += 1
 
 
-async def soak(minutes: float, sessions: int, warmup_s: float, tmp: Path, settle_s: float) -> dict[str, Any]:
+async def fill_llm_context(srv: bench.Server) -> dict[str, Any]:
+    """One request per LLM worker that nearly fills its context window; returns what was sent and answered.
+
+    A worker allocates its KV cache and attention buffers for the whole context at load, but their pages
+    become resident only as far as the longest conversation so far has reached, and stay (in-process:
+    RSS 136 -> 166 MB as prompts grow to 1200 words, not a byte back for shorter ones). Without this, the
+    first long conversation after the warm-up reads as growth; with it, growth at rest is what leaked.
+    """
+    client = await bench.Client.connect(srv.url)
+    try:
+        status, _ = await client.request({"type": "status"}, "status_response")
+        llm = status["models"]["llm"]["config"]
+        workers = int(status["config"]["llm_workers"])
+        # "apple banana " is two tokens for the embedded model's tokenizer; aim at 80 % of the window and
+        # come down if the server says the prompt does not fit.
+        pairs = int((llm["context"] - llm["max_tokens"]) * 0.8 / 2)
+        for attempt in range(6):
+            start = len(client.items)
+            ids = [f"fill-{attempt}-{w}" for w in range(workers)]
+            for rid in ids:
+                await client.send({"type": "llm_request", "request_id": rid, "text": "Say OK.", "context": [
+                    {"role": "user", "content": "apple banana " * pairs}, {"role": "assistant", "content": "OK."}]})
+            replies = []
+            for rid in ids:
+
+                def answered(m: dict[str, Any], rid: str = rid) -> bool:
+                    return m.get("request_id") == rid and m.get("type") in ("llm_response", "error")
+
+                _, _, reply = await client.wait_json(answered, start, timeout=300)
+                replies.append(reply)
+            if all(r["type"] == "llm_response" for r in replies):
+                return {"tokens_sent": pairs * 2, "workers": workers, "attempts": attempt + 1}
+            pairs = int(pairs * 0.8)
+        return {"tokens_sent": None, "workers": workers, "attempts": 6, "error": replies[0].get("message")}
+    finally:
+        await client.close()
+
+
+async def soak(minutes: float, sessions: int, warmup_s: float, tmp: Path, settle_s: float,
+               fill_context: bool = True) -> dict[str, Any]:
     """Run the soak and return its figures."""
     speech = bench.synthesize(list(QUESTIONS))
     srv = bench.start_server("soak", tmp)
@@ -105,7 +146,10 @@ async def soak(minutes: float, sessions: int, warmup_s: float, tmp: Path, settle
             samples.append(sample(srv))
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    fill: dict[str, Any] | None = None
     try:
+        if fill_context:
+            fill = await fill_llm_context(srv)
         await calls_until(time.monotonic() + warmup_s)
         await asyncio.sleep(settle_s)
         start = sample(srv)
@@ -132,6 +176,7 @@ async def soak(minutes: float, sessions: int, warmup_s: float, tmp: Path, settle
         "rss_growth_pct": round(rss_growth, 2),
         "fd_growth": end["fds_total"] - start["fds_total"],
         "settle_s": settle_s,
+        "llm_context_fill": fill,
         "rss_mb_peak_under_load": max((s["rss_mb_total"] for s in samples), default=None),
         "rss_mb_samples": [s["rss_mb_total"] for s in samples],
         "rss_mb_samples_main": [round(s["rss_mb_main"], 1) for s in samples],
@@ -149,15 +194,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="calls before the first sample: long enough for every session to finish a call")
     p.add_argument("--settle-s", type=float, default=35.0,
                    help="idle time before each memory sample (longer than the server's 30 s trim cycle)")
+    p.add_argument("--no-fill", action="store_true",
+                   help="skip the near-full-context request before the warm-up (see fill_llm_context)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="las-soak-") as tmp:
-        res = asyncio.run(soak(args.minutes, args.sessions, args.warmup_s, Path(tmp), args.settle_s))
+        res = asyncio.run(soak(args.minutes, args.sessions, args.warmup_s, Path(tmp), args.settle_s,
+                               fill_context=not args.no_fill))
     print(f"soak: {res['sessions']} sessions x {res['minutes']} min: {res['turns_measured']} turns measured "
           f"({res['turns']} total, {res['calls']} calls), {len(res['errors'])} failed turns, "
           f"{res['error_replies']} error replies")
     print(f"  RSS at rest (server + workers) {res['start']['rss_mb_total']} -> {res['end']['rss_mb_total']} MB "
           f"({res['rss_growth_pct']:+.2f} %, goal < 5 %); peak under load {res['rss_mb_peak_under_load']} MB")
+    start, end = res["start"], res["end"]
+    print(f"  main process {start['rss_mb_main']:.1f} -> {end['rss_mb_main']:.1f} MB, LLM workers (and "
+          f"multiprocessing's resource tracker) {start['rss_mb_total'] - start['rss_mb_main']:.1f} -> "
+          f"{end['rss_mb_total'] - end['rss_mb_main']:.1f} MB; context fill: {res['llm_context_fill']}")
     print(f"  file descriptors {res['start']['fds_total']} -> {res['end']['fds_total']} "
           f"({res['fd_growth']:+d}, goal <= 0)")
     if args.json:

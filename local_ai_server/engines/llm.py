@@ -9,6 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# Chat templates wrap every message in a few tokens (ChatML: "<|im_start|>user\n" ... "<|im_end|>\n");
+# counted high so a trimmed prompt always fits.
+TEMPLATE_TOKENS_PER_MESSAGE = 12
+
 
 @dataclass(frozen=True)
 class LlmParams:
@@ -67,7 +71,7 @@ class LlamaEngine:
         should_stop: Callable[[], bool],
     ) -> Iterator[str]:
         """Yield text deltas until the answer ends or `should_stop()` turns true."""
-        chat: Any = [{"role": role, "content": content} for role, content in messages]
+        chat: Any = [{"role": role, "content": content} for role, content in self.fit(messages, sampling)]
         chunks = self._llm.create_chat_completion(
             messages=chat,
             stream=True,
@@ -89,6 +93,29 @@ class LlamaEngine:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
+
+    def prompt_tokens(self, messages: list[tuple[str, str]]) -> int:
+        """Tokens the chat will take, counted on its contents plus a generous per-message template cost."""
+        return sum(len(self._llm.tokenize(content.encode("utf-8"), add_bos=False, special=False))
+                   + TEMPLATE_TOKENS_PER_MESSAGE for _, content in messages)
+
+    def fit(self, messages: list[tuple[str, str]], sampling: SamplingParams) -> list[tuple[str, str]]:
+        """The chat without its oldest exchanges, as far as needed to leave the answer room in the context.
+
+        llama.cpp refuses a prompt that does not fit; a long call would then fail every turn from there
+        on, as its history only grows. The system prompt and the new message are always kept (if those
+        alone do not fit, llama.cpp's own error says so).
+        """
+        n_ctx = self._llm.n_ctx()
+        budget = n_ctx - min(sampling.max_tokens, n_ctx // 4)
+        chat = list(messages)
+        first = 1 if chat and chat[0][0] == "system" else 0
+        while len(chat) - first > 1 and self.prompt_tokens(chat) > budget:
+            del chat[first]
+            # Never open the history with an answer whose question is gone.
+            while len(chat) - first > 1 and chat[first][0] == "assistant":
+                del chat[first]
+        return chat
 
     def describe(self) -> dict[str, Any]:
         """What the model is, for status replies."""

@@ -1,0 +1,59 @@
+"""The llama.cpp adapter in-process on the real embedded GGUF: a history longer than the context is trimmed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from local_ai_server.engines.llm import LlamaEngine, LlmParams, SamplingParams
+from local_ai_server.setup.selection import default_models_dir, read_selection
+
+SAMPLING = SamplingParams(max_tokens=16, temperature=0.0, top_p=0.9, repeat_penalty=1.0)
+
+
+@pytest.fixture(scope="module")
+def engine() -> LlamaEngine:
+    selection = read_selection(default_models_dir())
+    if selection is None:
+        pytest.fail("no models installed: run ./install.sh (scripts/test.sh does)")
+    path: Path = selection.path("llm")
+    return LlamaEngine(path, LlmParams(context=512, threads=2, batch=128, gpu_layers=0))
+
+
+def long_call(exchanges: int) -> list[tuple[str, str]]:
+    """A system prompt, `exchanges` long question/answer pairs, and the new question."""
+    chat = [("system", "You are a helpful assistant.")]
+    for i in range(exchanges):
+        chat += [("user", f"Question {i}: " + "tell me about apples and bananas " * 12),
+                 ("assistant", f"Answer {i}: " + "apples and bananas are fruit " * 10)]
+    return [*chat, ("user", "What is two plus two?")]
+
+
+def test_a_history_longer_than_the_context_still_gets_an_answer(engine: LlamaEngine) -> None:
+    chat = long_call(8)
+    assert engine.prompt_tokens(chat) > 512 * 2  # without trimming llama.cpp refuses this prompt
+    text = "".join(engine.stream(chat, SAMPLING, lambda: False))
+    assert text.strip()
+
+
+def test_trimming_drops_the_oldest_exchanges_whole(engine: LlamaEngine) -> None:
+    chat = long_call(8)
+    fitted = engine.fit(chat, SAMPLING)
+    kept_from = len(chat) - len(fitted) + 1
+    assert fitted[0] == chat[0] and fitted[-1] == chat[-1]  # the system prompt and the new question stay
+    assert fitted[1][0] == "user" and fitted[1:] == chat[kept_from:]  # the latest exchanges, whole
+    assert engine.prompt_tokens(fitted) <= 512 - SAMPLING.max_tokens
+    # No more was dropped than needed: with the exchange before, it would not have fitted.
+    assert engine.prompt_tokens(chat[:1] + chat[kept_from - 2:]) > 512 - SAMPLING.max_tokens
+
+
+def test_a_short_chat_is_left_alone(engine: LlamaEngine) -> None:
+    chat = long_call(1)
+    assert engine.fit(chat, SAMPLING) == chat
+
+
+def test_a_single_message_too_long_is_refused_clearly(engine: LlamaEngine) -> None:
+    chat = [("user", "apples and bananas " * 400)]
+    with pytest.raises(ValueError, match="exceed context window"):
+        list(engine.stream(chat, SAMPLING, lambda: False))

@@ -339,3 +339,20 @@ def test_real_tinyllama_is_preferred_when_installed(tmp_path: Path, registry: An
     assert (path, source) == (real, "tinyllama-file")
     path, source = bench_mod._choose_probe(registry, tmp_path / "none", tmp_path / "cache", None)
     assert source == "tinyllama-shaped-random" and path == bench_mod.random_probe_path(tmp_path / "cache")
+
+
+def test_a_changed_engine_adapter_is_measured_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A result cached before the STT short window went on predicting the old, 5x slower transcript.
+    from local_ai_server.setup import bench as bench_mod
+
+    before = fingerprint(HW)
+    fake_file = tmp_path / "local_ai_server" / "setup" / "bench.py"
+    fake_engines = tmp_path / "local_ai_server" / "engines"
+    fake_file.parent.mkdir(parents=True)
+    fake_engines.mkdir(parents=True)
+    for src in (Path(bench_mod.__file__).resolve().parent.parent / "engines").glob("*.py"):
+        (fake_engines / src.name).write_bytes(src.read_bytes())
+    monkeypatch.setattr(bench_mod, "__file__", str(fake_file))
+    assert fingerprint(HW) == before  # same sources, same fingerprint
+    (fake_engines / "stt.py").write_text((fake_engines / "stt.py").read_text() + "\n# changed\n")
+    assert fingerprint(HW) != before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import itertools
 import multiprocessing
 import signal
@@ -49,6 +50,9 @@ def _worker_main(conn: Connection, model_path: str | None, params: LlmParams) ->
             raise FileNotFoundError(model_path)
         engine = LlamaEngine(Path(model_path), params)
         engine.warm_up()
+        # What loading made lives as long as the worker: keep it out of the collection after each answer.
+        gc.collect()
+        gc.freeze()
         conn.send(("ready", engine.describe(), None))
     except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
         conn.send(("ready", None, describe(exc)))

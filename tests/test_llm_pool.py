@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing
 import os
 import signal
@@ -452,6 +453,7 @@ def test_an_idle_worker_hands_freed_heap_back(monkeypatch: pytest.MonkeyPatch, t
         llm_pool._worker_main(child, str(tmp_path / "model.gguf"), PARAMS)  # main thread: it sets SIGINT
     finally:
         signal.signal(signal.SIGINT, previous)
+        gc.unfreeze()  # the worker froze this test process's objects as if they were its start-up state
     thread.join(BOUND_S)
     assert events[0] == "ready" and events[1] == "trim"
     assert events[-1] == "trim" and events[-2] == "done"

@@ -7,6 +7,7 @@ import collections
 import gc
 import itertools
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -38,8 +39,12 @@ FAST_PHASE_S = 1.0
 IDLE_TRIM_S = 1.0
 
 
-def _worker_main(conn: Connection, model_path: str | None, params: LlmParams) -> None:
-    """Worker process entry: load the model once, then serve generate/load/stop requests."""
+def _worker_main(conn: Connection, model_path: str | None, params: LlmParams, pinned: str | None = None) -> None:
+    """Worker process entry: load the model once, then serve generate/load/stop requests.
+
+    `pinned` names the very file the other workers loaded (the parent's open descriptor of it), so a
+    replacement worker loads that model even if the path has been replaced since.
+    """
     # The parent owns Ctrl-C and SIGTERM handling; a worker only stops when told or when the parent dies.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from .engines.llm import LlamaEngine
@@ -48,7 +53,9 @@ def _worker_main(conn: Connection, model_path: str | None, params: LlmParams) ->
     try:
         if model_path is None:
             raise FileNotFoundError(model_path)
-        engine = LlamaEngine(Path(model_path), params)
+        source = pinned if pinned is not None and os.path.isfile(pinned) else model_path
+        engine = LlamaEngine(Path(source), params)
+        engine.path = Path(model_path)  # what status reports, not /proc/<pid>/fd/<n>
         engine.warm_up()
         # What loading made lives as long as the worker: keep it out of the collection after each answer.
         gc.collect()
@@ -180,6 +187,7 @@ class _Worker:
 
     index: int
     model_path: str
+    pinned: str | None = None  # see _worker_main
     proc: Any = None
     conn: Connection | None = None
     ready: bool = False
@@ -245,6 +253,7 @@ class LlmPool:
         self._load_lock = asyncio.Lock()
         self.counters: collections.Counter[str] = collections.Counter()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pin: tuple[str, int] | None = None  # (model path, open descriptor of the file serving)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -260,9 +269,36 @@ class LlmPool:
             log.warning("llm.load_failed", error=exc.message)
             return
         self._workers = workers
+        self._pin_model(str(self.model_path))
         self.state, self.error = "ready", None
         self.info = workers[0].info
         self._emit()
+
+    def _pin_model(self, model_path: str) -> None:
+        """Hold the serving model file open, so replacement workers load the model the others run.
+
+        An operator who puts a new (or broken) file at the same path and reloads gets an error if it
+        does not load, and the old model keeps serving; without the pin, the next worker that died would
+        be respawned from the new file and fail. Linux only (/proc); elsewhere replacements use the path.
+        """
+        self._unpin()
+        try:
+            fd = os.open(model_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            log.warning("llm.pin_failed", error=describe(exc))
+            return
+        self._pin = (model_path, fd)
+
+    def _unpin(self) -> None:
+        if self._pin is not None:
+            os.close(self._pin[1])
+            self._pin = None
+
+    def _pinned_path(self, model_path: str) -> str | None:
+        """The /proc path of the pinned file if `model_path` is the one pinned, else None."""
+        if self._pin is None or self._pin[0] != model_path or not os.path.isdir("/proc/self/fd"):
+            return None
+        return f"/proc/{os.getpid()}/fd/{self._pin[1]}"
 
     async def _spawn_set(self, model_path: str) -> list[_Worker]:
         """Start `size` workers on `model_path`; all or nothing."""
@@ -282,7 +318,7 @@ class LlmPool:
         assert self._loop is not None
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
-            target=_worker_main, args=(child_conn, w.model_path, self.params), daemon=True,
+            target=_worker_main, args=(child_conn, w.model_path, self.params, w.pinned), daemon=True,
             name=f"llm-worker-{w.index}",
         )
         w.proc, w.conn = proc, parent_conn
@@ -327,6 +363,7 @@ class LlmPool:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._join_all, workers, timeout)
         self._workers = []
+        self._unpin()
         self.state = "stopped"
 
     @staticmethod
@@ -476,7 +513,7 @@ class LlmPool:
             self.counters["worker_restarts"] += 1
             self._on_event("worker_restart", {"worker": w.index})
             log.warning("llm.worker_died", worker=w.index, pid=w.pid, exitcode=getattr(w.proc, "exitcode", None))
-            replacement = _Worker(index=w.index, model_path=w.model_path)
+            replacement = _Worker(index=w.index, model_path=w.model_path, pinned=self._pinned_path(w.model_path))
             self._workers[self._workers.index(w)] = replacement
             # Keep a reference: the loop holds tasks only weakly.
             task = asyncio.ensure_future(self._respawn(replacement))
@@ -526,6 +563,7 @@ class LlmPool:
                 self._loop = asyncio.get_running_loop()
             new = await self._spawn_set(str(model_path))  # raises ModelLoadError, old set untouched
             old, self._workers = self._workers, new
+            self._pin_model(str(model_path))
             for w in old:
                 w.retiring = True
                 if w.job is None:

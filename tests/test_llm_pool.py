@@ -6,6 +6,7 @@ import asyncio
 import gc
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -337,6 +338,28 @@ async def test_load_corrupt_model_keeps_old_workers(make_pool: PoolFactory, tmp_
     assert pool.snapshot()["pids"] == pids and pool.state == "ready"
     await wait_until(lambda: not live_child_pids() - set(pids), "the failed candidate workers to exit")
     await assert_serves(pool)
+
+
+async def test_a_replaced_model_file_does_not_reach_respawned_workers(make_pool: PoolFactory, model_path: Path,
+                                                                      tmp_path: Path) -> None:
+    # The operator renames a broken file over the serving model's path and reloads: the reload fails
+    # and the old model keeps serving, also after a worker dies (its replacement loads the file the
+    # pool holds open, not the broken one now at the path).
+    path = tmp_path / "model.gguf"
+    shutil.copyfile(model_path, path)
+    pool = await make_pool(path)
+    bad = tmp_path / "incoming.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(4096))
+    os.replace(bad, path)
+    with pytest.raises(ModelLoadError):
+        await asyncio.wait_for(pool.load(path), BOUND_S)
+    (old_pid,) = pool.snapshot()["pids"]
+    os.kill(old_pid, signal.SIGKILL)
+    await wait_until(lambda: pool.counters["worker_restarts"] == 1, "the worker's death to be noticed")
+    await assert_serves(pool)
+    snap = pool.snapshot()
+    assert snap["state"] == "ready" and snap["pids"] and snap["pids"][0] != old_pid
+    assert pool.info.get("name") and "/proc" not in str(snap)
 
 
 async def test_load_switches_workers(make_pool: PoolFactory, model_path: Path) -> None:

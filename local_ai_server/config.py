@@ -57,6 +57,9 @@ class SttConfig:
     energy_threshold: int = 100
     vad_threshold: float = 0.5
     max_utterance_s: float = 30.0
+    # Audio a session may have waiting to be segmented: a client sending faster than real time is held
+    # to this (frames beyond it are refused with `busy`), so its memory stays bounded.
+    max_queued_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -228,6 +231,7 @@ def from_env(
         silence_ms=_int(env, "LOCAL_STT_SEGMENT_SILENCE_MS", 500, 50),
         energy_threshold=_int(env, "LOCAL_STT_SEGMENT_ENERGY_THRESHOLD", 100, 0),
         max_utterance_s=_float(env, "LOCAL_STT_MAX_UTTERANCE_S", 30.0),
+        max_queued_s=_float(env, "LOCAL_STT_MAX_QUEUED_S", 60.0),
     )
     llm = LlmConfig(
         model_path=_path(env, "LOCAL_LLM_MODEL_PATH") or sel.get("llm"),

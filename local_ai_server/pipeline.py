@@ -34,6 +34,12 @@ AUDIO_QUEUE_FRAMES = 2000
 _turn_ids = itertools.count(1)
 
 
+def frame_seconds(item: tuple[bytes, str, int]) -> float:
+    """Seconds of audio in one queued (payload, format, rate) frame."""
+    payload, fmt, rate = item
+    return len(payload) / (rate * (1 if fmt == "mulaw" else 2))
+
+
 class Outbox(Protocol):
     """Where a session's outgoing messages go (the server's per-connection writer)."""
 
@@ -115,6 +121,7 @@ class SessionRunner:
         # (raw payload, format, rate), session mode at arrival, request id
         self._audio_q: asyncio.Queue[tuple[tuple[bytes, str, int], str, P.RequestId]] = asyncio.Queue(
             AUDIO_QUEUE_FRAMES)
+        self._queued_s = 0.0  # audio in _audio_q, bounded by cfg.stt.max_queued_s
         self._speech_task: asyncio.Task[None] | None = None
         # (utterance end, mode, request id, end time, speculative transcription of exactly that audio,
         # the answer started from it)
@@ -193,12 +200,26 @@ class SessionRunner:
         if self._speech_task is None or self._speech_task.done():
             self._speech_task = self._spawn(self._speech_loop())
             self._finals_task = self._spawn(self._finals_loop())
+        item = (payload, fmt_n, rate_n)
+        seconds = frame_seconds(item)
+        cap = self.cfg.stt.max_queued_s
+        # A frame is always taken into an empty queue (however long), so any frame size works; beyond
+        # that a client sending faster than the server segments waits for room.
+        if self._queued_s > 0 and self._queued_s + seconds > cap:
+            self.metrics.audio_dropped.inc()
+            raise Busy(f"more than {cap:g} s of audio waiting to be processed; frame dropped",
+                       request_id=request_id)
         try:
             # Decoding is deferred to the speech task, which runs it off the loop for big frames.
-            self._audio_q.put_nowait(((payload, fmt_n, rate_n), mode, request_id))
+            self._audio_q.put_nowait((item, mode, request_id))
         except asyncio.QueueFull:
             self.metrics.audio_dropped.inc()
             raise Busy("audio queue is full; frame dropped", request_id=request_id) from None
+        self._queued_s += seconds
+
+    def _dequeued(self, item: tuple[bytes, str, int]) -> None:
+        # Clamped: float sums of many small frames must not leave a phantom remainder.
+        self._queued_s = max(0.0, self._queued_s - frame_seconds(item)) if not self._audio_q.empty() else 0.0
 
     def _decode(self, item: tuple[bytes, str, int]) -> np.ndarray:
         payload, fmt, rate = item
@@ -233,6 +254,7 @@ class SessionRunner:
             except asyncio.TimeoutError:
                 self._on_idle()
                 continue
+            self._dequeued(item)
             self._audio_since_final = True
             raw = item[0]
             samples = len(raw) // (1 if item[1] == "mulaw" else 2)
@@ -262,7 +284,8 @@ class SessionRunner:
             self._maybe_partial(mode, rid)
 
     async def _drain_without_stt(self) -> None:
-        _item, mode, rid = await self._audio_q.get()
+        item, mode, rid = await self._audio_q.get()
+        self._dequeued(item)
         if not self._stt_unavailable_sent:
             self._stt_unavailable_sent = True
             self.out.send_data(P.stt_result("", call_id=self.session.call_id, mode=mode, is_final=True,
@@ -675,7 +698,7 @@ class SessionRunner:
     def stop_speech(self) -> None:
         """Forget buffered audio and the utterance in progress (stop_session, new call)."""
         while not self._audio_q.empty():
-            self._audio_q.get_nowait()
+            self._dequeued(self._audio_q.get_nowait()[0])
         if self._segmenter is not None:
             self._segmenter.reset()
         if self._spec_turn is not None:

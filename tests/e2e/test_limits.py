@@ -15,7 +15,7 @@ import pytest
 import websockets
 from websockets.typing import Origin
 
-from .conftest import Client, ServerProc, silence, start_server
+from .conftest import Client, ServerProc, pcm16, silence, start_server
 
 
 async def test_requests_in_flight_per_connection_are_capped(client_factory: Callable[..., Any]) -> None:
@@ -60,6 +60,32 @@ async def test_endless_utterance_is_cut_with_an_error(models_dir: Path, tmp_path
         assert err["code"] == "payload_too_large" and "2 s" in err["message"]
         final = await c.wait_for(lambda m: m.get("type") == "stt_result" and m.get("is_final"), timeout=60)
         assert final["text"]
+        await c.close()
+    finally:
+        assert srv.stop() == 0
+
+
+async def test_audio_sent_faster_than_real_time_is_held_to_the_queue_cap(
+        models_dir: Path, tmp_path: Path, speak: Callable[[str], np.ndarray]) -> None:
+    """200 s of audio in one burst: frames past LOCAL_STT_MAX_QUEUED_S are refused, the session goes on."""
+    srv = start_server(tmp_path, models_dir, env={"LOCAL_STT_MAX_QUEUED_S": "5"})
+    try:
+        c = Client(await websockets.connect(srv.url, ping_interval=None))
+        await c.request({"type": "set_mode", "mode": "stt", "call_id": "flood"}, "mode_ready")
+        second = pcm16(silence(1.0))
+        for _ in range(200):  # no pacing: as fast as the socket takes them
+            await c.send(second)
+        status = await c.request({"type": "status"}, "status_response")
+        assert status["status"] == "ok"
+        busy = [m for m in c.got.json("error") if m.get("code") == "busy"]
+        assert busy and "5 s of audio" in busy[0]["message"], c.got.json("error")
+        # Refused frames changed nothing: a real utterance afterwards is transcribed.
+        await asyncio.sleep(1.0)
+        mark = len(c.got.items)
+        await c.stream(np.concatenate([speak("Please check the status of my order."), silence(1.0)]))
+        final = await c.wait_for(lambda m: m.get("type") == "stt_result" and m.get("is_final") and m.get("text")
+                                 and any(v is m for _, v in c.got.items[mark:]), timeout=60)
+        assert "order" in final["text"].lower()
         await c.close()
     finally:
         assert srv.stop() == 0

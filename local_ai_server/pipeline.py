@@ -204,7 +204,7 @@ class SessionRunner:
         seconds = frame_seconds(item)
         cap = self.cfg.stt.max_queued_s
         # A frame is always taken into an empty queue (however long), so any frame size works; beyond
-        # that a client sending faster than the server segments waits for room.
+        # that, a client sending faster than the server segments has frames refused until it catches up.
         if self._queued_s > 0 and self._queued_s + seconds > cap:
             self.metrics.audio_dropped.inc()
             raise Busy(f"more than {cap:g} s of audio waiting to be processed; frame dropped",

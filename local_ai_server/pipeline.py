@@ -34,10 +34,15 @@ AUDIO_QUEUE_FRAMES = 2000
 _turn_ids = itertools.count(1)
 
 
+def frame_samples(item: tuple[bytes, str, int]) -> int:
+    """Samples in one queued (payload, format, rate) frame."""
+    payload, fmt, _rate = item
+    return len(payload) // (1 if fmt == "mulaw" else 2)
+
+
 def frame_seconds(item: tuple[bytes, str, int]) -> float:
     """Seconds of audio in one queued (payload, format, rate) frame."""
-    payload, fmt, rate = item
-    return len(payload) / (rate * (1 if fmt == "mulaw" else 2))
+    return frame_samples(item) / item[2]
 
 
 class Outbox(Protocol):
@@ -256,10 +261,8 @@ class SessionRunner:
                 continue
             self._dequeued(item)
             self._audio_since_final = True
-            raw = item[0]
-            samples = len(raw) // (1 if item[1] == "mulaw" else 2)
             try:
-                if samples > INLINE_SAMPLES:
+                if frame_samples(item) > INLINE_SAMPLES:
                     events = await self.engines.run_aux(self._process_frame, item)
                 else:
                     events = self._process_frame(item)

@@ -116,6 +116,10 @@ class LlamaEngine:
         n_ctx = self._llm.n_ctx()
         budget = n_ctx - min(sampling.max_tokens, n_ctx // 4)
         chat = list(messages)
+        # A token spans at least one byte of text (plus, at most, a tokenizer's leading-space marker), so
+        # a chat whose bytes fit needs no tokenizing: most calls, ~1 ms saved before the first token.
+        if sum(len(c.encode("utf-8")) + 1 + TEMPLATE_TOKENS_PER_MESSAGE for _, c in chat) <= budget:
+            return chat
         costs = [self.prompt_tokens([m]) for m in chat]  # each message tokenized once
         total = sum(costs)
         first = 1 if chat and chat[0][0] == "system" else 0

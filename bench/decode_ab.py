@@ -39,10 +39,7 @@ def start_other(root: Path, tmp: Path) -> bench.Server:
 def server_side(srv: bench.Server, threads: int, tag: str) -> Callable[[int], Awaitable[dict[str, Any]]]:
     """One generation through `srv`, timed from the client as bench/run.py does."""
     async def go(i: int) -> dict[str, Any]:
-        st = await bench.wait_pool_idle(srv.url)
-        worker = next(iter(st.get("pool", {}).get("pids") or []), None)
-        await asyncio.sleep(bench.PAIR_REST_S)
-        return await bench.with_cpu_share(worker, threads, bench.server_decode_rate(srv.url, TOKENS, f"{tag}{i}"))
+        return await bench.server_decode_run(srv.url, threads, TOKENS, f"{tag}{i}")
     return go
 
 
@@ -62,9 +59,8 @@ async def main_async(rounds: int, against: Path | None) -> int:
         await bare.start()
 
         async def bare_side(_i: int) -> dict[str, Any]:
-            assert bare is not None and bare.proc is not None
-            await asyncio.sleep(bench.PAIR_REST_S)
-            return await bench.with_cpu_share(bare.proc.pid, threads, bare.run())
+            assert bare is not None
+            return await bench.bare_decode_run(bare, threads)
 
         sides: list[tuple[str, Callable[[int], Awaitable[dict[str, Any]]]]] = [
             ("bare", bare_side), ("this", server_side(this, threads, "t"))]

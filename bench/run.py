@@ -977,6 +977,21 @@ async def server_decode_rate(url: str, cap: int, tag: str) -> dict[str, Any]:
     return out
 
 
+async def server_decode_run(url: str, threads: int, cap: int, tag: str) -> dict[str, Any]:
+    """One decode-rate run through the server once its pool is idle, with the worker's CPU share."""
+    st = await wait_pool_idle(url)
+    worker = next(iter(st.get("pool", {}).get("pids") or []), None)
+    await asyncio.sleep(PAIR_REST_S)
+    return await with_cpu_share(worker, threads, server_decode_rate(url, cap, tag))
+
+
+async def bare_decode_run(bare: BareLlm, threads: int) -> dict[str, Any]:
+    """One decode-rate run of bare llama-cpp-python, with its CPU share."""
+    assert bare.proc is not None
+    await asyncio.sleep(PAIR_REST_S)
+    return await with_cpu_share(bare.proc.pid, threads, bare.run())
+
+
 BARE_SCRIPT = r"""
 import json, sys, time
 spec = json.loads(sys.argv[1])
@@ -1434,16 +1449,10 @@ async def run_benchmark(plan: Plan, tmp: Path) -> dict[str, Any]:
                 await bare.start()
                 assert bare.proc is not None
                 async def bare_run() -> dict[str, Any]:
-                    assert bare.proc is not None
-                    await asyncio.sleep(PAIR_REST_S)
-                    return await with_cpu_share(bare.proc.pid, threads, bare.run())
+                    return await bare_decode_run(bare, threads)
 
                 async def server_run(i: int) -> dict[str, Any]:
-                    st = await wait_pool_idle(b.url)
-                    worker = next(iter(st.get("pool", {}).get("pids") or []), None)
-                    await asyncio.sleep(PAIR_REST_S)
-                    return await with_cpu_share(worker, threads,
-                                                server_decode_rate(b.url, plan.rate_token_cap, str(i)))
+                    return await server_decode_run(b.url, threads, plan.rate_token_cap, str(i))
 
                 for i in range(plan.rate_runs):
                     # Alternate which side goes first: on this kind of VM the second of two back-to-back

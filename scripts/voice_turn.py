@@ -45,7 +45,8 @@ def question_audio(args: argparse.Namespace) -> np.ndarray:
     selection = read_selection(default_models_dir())
     if selection is None:
         raise SystemExit("no models installed (run ./install.sh), or pass --wav FILE")
-    tts = PiperTts(selection.path("tts"), threads=1)
+    # Without variation: the same question sounds the same every run, so a check is repeatable.
+    tts = PiperTts(selection.path("tts"), threads=1, variation=False)
     return resample(tts.synthesize_all(args.text), tts.sample_rate, 16000)
 
 

@@ -107,6 +107,8 @@ class ServerConfig:
     max_frame_bytes: int = 8 * 1024 * 1024
     max_text_chars: int = 4000
     send_queue_max: int = 512
+    # Bytes a client that does not read may make the server hold for it (replies queued + socket buffer).
+    send_buffer_bytes: int = 32 * 1024 * 1024
     max_inflight_requests: int = 8
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -264,6 +266,7 @@ def from_env(
         max_frame_bytes=_int(env, "LOCAL_WS_MAX_FRAME_BYTES", 8 * 1024 * 1024, 1024),
         max_text_chars=_int(env, "LOCAL_MAX_TEXT_CHARS", 4000, 16),
         send_queue_max=_int(env, "LOCAL_WS_SEND_QUEUE_MAX", 512, 16),
+        send_buffer_bytes=_int(env, "LOCAL_WS_SEND_BUFFER_BYTES", 32 * 1024 * 1024, 64 * 1024),
         max_inflight_requests=_int(env, "LOCAL_WS_MAX_INFLIGHT", 8, 1),
         tls_cert=_path(env, "LOCAL_WS_TLS_CERT"),
         tls_key=_path(env, "LOCAL_WS_TLS_KEY"),

@@ -23,6 +23,7 @@ from .errors import Busy, Cancelled, NotReady, PayloadTooLarge, ServerError, Uns
 from .metrics import Metrics
 from .runtime import Engines
 from .session import Session
+from .tasks import ErrorHandler, TaskOwner
 from .text import SentenceSplitter, clean_for_speech
 from .vad import Segmenter, SegmenterSettings, UtteranceEnd, UtteranceStart
 
@@ -115,7 +116,7 @@ class SessionRunner:
     """Drives one session: its audio stream, its turns, its TTS requests."""
 
     def __init__(self, session: Session, engines: Engines, outbox: Outbox, cfg: ServerConfig,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, tasks: TaskOwner) -> None:
         self.session = session
         self.engines = engines
         self.out = outbox
@@ -145,16 +146,21 @@ class SessionRunner:
         self._last_partial_at_ms = 0.0
         self._audio_since_final = False
         self._stt_unavailable_sent = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = tasks
         self._closed = False
 
     # ------------------------------------------------------------------ helpers
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    def _spawn(self, coro: Any, on_error: ErrorHandler | None = None) -> asyncio.Task[Any]:
+        """Start work owned by this session's connection; a failure goes to `on_error`."""
+        return self._tasks.spawn(coro, on_error=on_error)
+
+    def _internal_error(self, what: str, request_id: P.RequestId = None) -> ErrorHandler:
+        """An error handler that answers a failure nobody foresaw with `internal` (traceback: log only)."""
+        def handle(exc: BaseException) -> None:
+            self.error(exc if isinstance(exc, ServerError) else ServerError(f"internal error in {what}",
+                                                                            request_id=request_id))
+        return handle
 
     def error(self, err: ServerError) -> None:
         """Send the error envelope and count it."""
@@ -203,8 +209,9 @@ class SessionRunner:
             return
         mode = s.mode
         if self._speech_task is None or self._speech_task.done():
-            self._speech_task = self._spawn(self._speech_loop())
-            self._finals_task = self._spawn(self._finals_loop())
+            self._speech_task = self._spawn(self._speech_loop(), self._internal_error("speech segmentation"))
+        if self._finals_task is None or self._finals_task.done():
+            self._finals_task = self._spawn(self._finals_loop(), self._internal_error("transcription"))
         item = (payload, fmt_n, rate_n)
         seconds = frame_seconds(item)
         cap = self.cfg.stt.max_queued_s
@@ -492,7 +499,8 @@ class SessionRunner:
             self._check_inflight(request_id)
         turn = Turn(id=next(_turn_ids), kind=kind, request_id=request_id, timings=dict(timings or {}), held=held)
         turn.timings.setdefault("start", time.monotonic())
-        turn.task = self._spawn(self._run_turn(turn, text, speak, stream_tokens, context))
+        turn.task = self._spawn(self._run_turn(turn, text, speak, stream_tokens, context),
+                                lambda exc: self._turn_error(turn, _as_server_error(exc, "the answer")))
         self.turns.add(turn)
         turn.task.add_done_callback(lambda _t: self.turns.discard(turn))
         if kind == "voice" and not held:
@@ -651,7 +659,7 @@ class SessionRunner:
         """Answer a tts_request in the background; a barge-in cancels it like an answer."""
         self._check_inflight(req.request_id)
         turn = Turn(id=next(_turn_ids), kind="tts_request", request_id=req.request_id)
-        turn.task = self._spawn(self._tts_request(turn, req))
+        turn.task = self._spawn(self._tts_request(turn, req), lambda exc: self._tts_failed(turn, req, exc))
         self.turns.add(turn)
         turn.task.add_done_callback(lambda _t: self.turns.discard(turn))
         return turn
@@ -660,18 +668,29 @@ class SessionRunner:
         """Synthesize a whole text and answer with one tts_response."""
         enc, rate, _fb = self.session.output_format(req.output_encoding, req.output_sample_rate_hz)
         try:
-            speech = clean_for_speech(req.text) or req.text
-            payload = await self._synthesize(speech, enc, rate) if speech.strip() else b""
+            # Text with nothing a voice can say (symbols only) is answered with no audio.
+            speech = clean_for_speech(req.text)
+            payload = await self._synthesize(speech, enc, rate) if speech else b""
         except asyncio.CancelledError:
             self._report_cancelled(turn)
             raise
         except ServerError as err:
-            err.request_id = req.request_id
-            self.error(err)
-            # AVA clients wait for a tts_response matched by text: an empty one (what AVA's own server
-            # sends when synthesis fails) ends their wait at once instead of after their timeout.
-            payload = b""
+            self._tts_failed(turn, req, err)
+            return
         self.out.send_data(P.tts_response(req.text, payload, call_id=self.session.call_id, encoding=enc,
+                                          sample_rate_hz=rate, request_id=req.request_id), turn)
+
+    def _tts_failed(self, turn: Turn, req: P.TtsRequest, exc: BaseException) -> None:
+        """A tts_request that failed: the error, and an empty tts_response.
+
+        AVA clients wait for a tts_response matched by text: an empty one (what AVA's own server sends
+        when synthesis fails) ends their wait at once instead of after their timeout.
+        """
+        err = _as_server_error(exc, "speech synthesis")
+        err.request_id = req.request_id
+        self.error(err)
+        enc, rate, _fb = self.session.output_format(req.output_encoding, req.output_sample_rate_hz)
+        self.out.send_data(P.tts_response(req.text, b"", call_id=self.session.call_id, encoding=enc,
                                           sample_rate_hz=rate, request_id=req.request_id), turn)
 
     def _check_inflight(self, request_id: P.RequestId) -> None:
@@ -715,9 +734,9 @@ class SessionRunner:
         """The connection closed: cancel everything this session had in flight."""
         self._closed = True
         self.cancel_all()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            _done, pending = await asyncio.wait(list(self._tasks), timeout=5)
-            if pending:
-                log.warning("session.tasks_not_stopped", session=self.session.id, pending=len(pending))
+        await self._tasks.aclose()
+
+
+def _as_server_error(exc: BaseException, what: str) -> ServerError:
+    """A failure as the error a client may see: ours as it is, anything else as `internal`."""
+    return exc if isinstance(exc, ServerError) else ServerError(f"internal error in {what}")

@@ -13,6 +13,7 @@ from typing import Any
 from .errors import InvalidField, InvalidJson, PayloadTooLarge, RequestId, ServerError, UnknownType
 
 MODES = ("full", "stt", "llm", "tts")
+CONTEXT_ROLES = ("system", "user", "assistant")
 STT_BACKEND = "faster_whisper"
 TTS_BACKEND = "piper"
 
@@ -20,9 +21,12 @@ TTS_BACKEND = "piper"
 
 @dataclass(frozen=True)
 class Limits:
-    """Size limits the parser enforces on fields."""
+    """Size limits the parser enforces on fields (everything that can reach a model is capped here)."""
 
     max_text_chars: int = 4000
+    # `llm_request.context`: messages kept (the newest), and their total characters.
+    max_context_items: int = 100
+    max_context_chars: int = 32000
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,42 @@ Message = (
 
 _INT_RE = re.compile(r"-?[0-9]{1,12}")
 _SAFE_NAME_RE = re.compile(r"[^a-z0-9_]")
+# C0 controls and DEL: never part of an identifier; in free text they become spaces (tab/newline stay).
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_TEXT_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# json.loads turns a \ud800 escape into a lone surrogate: a str Python holds but no UTF-8 can encode.
+_SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+MAX_ID_CHARS = 256
+MAX_PATH_CHARS = 4096
+MAX_NAME_BYTES = 255  # longest file name POSIX file systems take
+
+
+def clean_text(text: str) -> str:
+    """Free text as the server uses it: control characters (NUL included) replaced by spaces."""
+    return _TEXT_CONTROL_RE.sub(" ", text) if _TEXT_CONTROL_RE.search(text) else text
+
+
+def _bad_unicode_at(value: Any, where: str, depth: int = 0) -> str | None:
+    """The dotted name of the first key or string under `value` holding a lone surrogate, or None."""
+    if isinstance(value, str):
+        return where if _SURROGATE_RE.search(value) else None
+    if depth > 64:
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{where}.{_SAFE_NAME_RE.sub('', str(key).lower())[:40]}" if where else str(key)
+            if _SURROGATE_RE.search(key):
+                return where or "a key"
+            found = _bad_unicode_at(item, name, depth + 1)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _bad_unicode_at(item, f"{where}[{i}]", depth + 1)
+            if found is not None:
+                return found
+    return None
 
 
 def normalize_type(value: Any) -> str:
@@ -167,8 +207,14 @@ def normalize_type(value: Any) -> str:
 
 
 def _rid(value: Any) -> RequestId:
-    """A raw JSON value as a request id, or None when it cannot be one."""
-    return value if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+    """A raw JSON value as a request id, or None when it cannot be one (and so cannot be echoed)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if -2**63 <= value < 2**64 else None
+    if isinstance(value, str) and len(value) <= MAX_ID_CHARS and not _SURROGATE_RE.search(value):
+        return value
+    return None
 
 
 class _Fields:
@@ -178,18 +224,29 @@ class _Fields:
         self.obj = obj
         self.mtype = mtype
         raw_rid = obj.get("request_id")
-        self.request_id: RequestId = raw_rid if isinstance(raw_rid, (str, int)) and not isinstance(
-            raw_rid, bool
-        ) else None
+        self.request_id: RequestId = _rid(raw_rid)
         if raw_rid is not None and self.request_id is None:
-            raise InvalidField(f"{mtype}.request_id must be a string or integer")
-        self.call_id = self.opt_str("call_id", max_len=256)
+            raise InvalidField(f"{mtype}.request_id must be a string or integer (of at most {MAX_ID_CHARS} "
+                               "characters)")
+        self.call_id = self.opt_id("call_id")
 
     def fail(self, msg: str) -> InvalidField:
         return InvalidField(f"{self.mtype}.{msg}", request_id=_rid(self.request_id), call_id=self.call_id
                             if hasattr(self, "call_id") else None)
 
     def opt_str(self, key: str, max_len: int | None = None) -> str | None:
+        """A free-text field: control characters (NUL included) become spaces, as docs/protocol.md says."""
+        value = self._raw_str(key, max_len)
+        return None if value is None else clean_text(value)
+
+    def opt_id(self, key: str, max_len: int = MAX_ID_CHARS) -> str | None:
+        """An identifier or keyword (ids, modes, formats, tokens): refused if it holds a control character."""
+        value = self._raw_str(key, max_len)
+        if value is not None and _CONTROL_RE.search(value):
+            raise self.fail(f"{key} must not contain control characters")
+        return value
+
+    def _raw_str(self, key: str, max_len: int | None) -> str | None:
         value = self.obj.get(key)
         if value is None:
             return None
@@ -209,6 +266,25 @@ class _Fields:
             if value is not None:
                 return value
         raise self.fail(f"{key} is required")
+
+    def opt_path(self, key: str, value: Any = None) -> str | None:
+        """A model path: refused unless the OS could take it (no NUL, names of at most 255 bytes)."""
+        if value is None:
+            value = self.obj.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(f"{key} must be a non-empty string")
+        if len(value) > MAX_PATH_CHARS:
+            raise PayloadTooLarge(f"{self.mtype}.{key} is longer than {MAX_PATH_CHARS} characters",
+                                  request_id=_rid(self.request_id))
+        if _CONTROL_RE.search(value):
+            raise self.fail(f"{key} must not contain control characters")
+        if any(len(part.encode("utf-8")) > MAX_NAME_BYTES for part in value.split("/")):
+            raise self.fail(f"{key} has a name longer than {MAX_NAME_BYTES} bytes")
+        if value.startswith("~") and not (value == "~" or value.startswith("~/")):
+            raise self.fail(f"{key} must not name another user's home directory")
+        return value
 
     def opt_int(self, key: str, lo: int, hi: int, *aliases: str) -> int | None:
         for name in (key, *aliases):
@@ -241,7 +317,7 @@ class _Fields:
         raise self.fail(f"{key} must be a boolean")
 
     def opt_mode(self, key: str = "mode") -> str | None:
-        value = self.opt_str(key, 32)
+        value = self.opt_id(key, 32)
         if value is None:
             return None
         mode = value.strip().lower()
@@ -251,16 +327,16 @@ class _Fields:
 
     def opt_encoding(self, *keys: str) -> str | None:
         for key in keys:
-            value = self.opt_str(key, 32)
+            value = self.opt_id(key, 32)
             if value is not None:
                 return value
         return None
 
 
 def _parse_auth(f: _Fields, limits: Limits) -> Auth:
-    token = f.opt_str("auth_token", 4096)
+    token = f.opt_id("auth_token", 4096)
     if token is None:
-        token = f.opt_str("token", 4096)
+        token = f.opt_id("token", 4096)
     if token is None:
         raise f.fail("auth_token is required")
     return Auth(token=token, call_id=f.call_id)
@@ -288,7 +364,7 @@ def _parse_audio(f: _Fields, limits: Limits) -> Audio:
     return Audio(
         data_b64=data,
         rate=f.opt_int("rate", 1, 384000, "sample_rate", "sample_rate_hz"),
-        format=f.opt_str("format", 32) or f.opt_str("encoding", 32),
+        format=f.opt_id("format", 32) or f.opt_id("encoding", 32),
         mode=f.opt_mode(),
         call_id=f.call_id,
         request_id=f.request_id,
@@ -297,21 +373,50 @@ def _parse_audio(f: _Fields, limits: Limits) -> Audio:
     )
 
 
-def _parse_context(f: _Fields) -> tuple[tuple[str, str], ...] | None:
+def _parse_context(f: _Fields, limits: Limits) -> tuple[tuple[str, str], ...] | None:
+    """`llm_request.context`: our list of {role, content}, or AVA's object (`messages` / `prior_messages`).
+
+    The list is ours and checked strictly. AVA's engine sends an object, which AVA's own server ignores:
+    its role/content lists are used, anything else in it is ignored, never refused.
+    """
     ctx = f.obj.get("context")
     if ctx is None:
         return None
+    if isinstance(ctx, dict):
+        items = next((v for k in ("messages", "prior_messages") if isinstance(v := ctx.get(k), list)), None)
+        if items is None:
+            return None
+        chat = [(m["role"], m["content"]) for m in items if isinstance(m, dict)
+                and m.get("role") in CONTEXT_ROLES and isinstance(m.get("content"), str) and m["content"]]
+        return _capped_context(f, limits, chat[-limits.max_context_items:])
     if not isinstance(ctx, list):
         raise f.fail("context must be a list of {role, content} objects")
+    if len(ctx) > limits.max_context_items:
+        raise PayloadTooLarge(f"llm_request.context has more than {limits.max_context_items} messages",
+                              request_id=_rid(f.request_id))
     out: list[tuple[str, str]] = []
-    for item in ctx[:200]:
+    for item in ctx:
         if not isinstance(item, dict):
             raise f.fail("context items must be objects")
         role, content = item.get("role"), item.get("content")
-        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+        if role not in CONTEXT_ROLES or not isinstance(content, str):
             raise f.fail("context items need role system|user|assistant and a string content")
         out.append((role, content))
-    return tuple(out)
+    return _capped_context(f, limits, out)
+
+
+def _capped_context(f: _Fields, limits: Limits, chat: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The context with control characters cleaned, refused when a message or the whole is over its cap."""
+    total = 0
+    for role, content in chat:
+        if len(content) > limits.max_text_chars:
+            raise PayloadTooLarge(f"llm_request.context has a {role} message longer than "
+                                  f"{limits.max_text_chars} characters", request_id=_rid(f.request_id))
+        total += len(content)
+    if total > limits.max_context_chars:
+        raise PayloadTooLarge(f"llm_request.context is longer than {limits.max_context_chars} characters",
+                              request_id=_rid(f.request_id))
+    return tuple((role, clean_text(content)) for role, content in chat)
 
 
 def _parse_llm(f: _Fields, limits: Limits) -> LlmRequest:
@@ -321,7 +426,7 @@ def _parse_llm(f: _Fields, limits: Limits) -> LlmRequest:
         call_id=f.call_id,
         request_id=f.request_id,
         mode=f.opt_mode(),
-        context=_parse_context(f),
+        context=_parse_context(f, limits),
         stream=f.opt_bool("stream"),
     )
 
@@ -348,7 +453,7 @@ def _nested(f: _Fields, key: str) -> Mapping[str, Any]:
 
 
 def _parse_switch(f: _Fields, limits: Limits) -> SwitchModel:
-    scope = f.opt_str("scope", 32)
+    scope = f.opt_id("scope", 32)
     if scope is not None:
         scope = scope.strip().lower()
         if scope not in ("session", "global"):
@@ -361,17 +466,14 @@ def _parse_switch(f: _Fields, limits: Limits) -> SwitchModel:
         value = f.obj.get(top)
         if value is None:
             value = nested.get("model_path")
-        if value is None:
-            return None
-        if not isinstance(value, str) or not value.strip() or len(value) > 4096:
-            raise f.fail(f"{top} must be a non-empty string")
-        return value
+        return f.opt_path(top, value)
 
     prompt = llm_cfg.get("system_prompt")
     if prompt is None:
         prompt = f.obj.get("system_prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise f.fail("llm_config.system_prompt must be a string")
+    prompt = None if prompt is None else clean_text(prompt)
     if prompt is not None and len(prompt) > limits.max_text_chars:
         raise PayloadTooLarge("switch_model.system_prompt is too long", request_id=_rid(f.request_id))
     return SwitchModel(
@@ -391,12 +493,12 @@ def _parse_reload_all(f: _Fields, limits: Limits) -> Reload:
 
 
 def _parse_reload_llm(f: _Fields, limits: Limits) -> Reload:
-    path = f.opt_str("model_path", 4096) or f.opt_str("llm_model_path", 4096)
+    path = f.opt_path("model_path") or f.opt_path("llm_model_path")
     return Reload(what="llm", model_path=path, request_id=f.request_id, call_id=f.call_id)
 
 
 def _parse_barge_in(f: _Fields, limits: Limits) -> BargeIn:
-    return BargeIn(call_id=f.call_id, request_id=f.request_id, reason=f.opt_str("reason", 64))
+    return BargeIn(call_id=f.call_id, request_id=f.request_id, reason=f.opt_id("reason", 64))
 
 
 def _parse_tool_context(f: _Fields, limits: Limits) -> ToolContext:
@@ -429,6 +531,15 @@ def decode_json(text: str) -> dict[str, Any]:
         raise InvalidJson("message is not valid JSON") from None
     if not isinstance(obj, dict):
         raise InvalidJson("message must be a JSON object")
+    if _SURROGATE_ESCAPE_RE.search(text):
+        # Only an escape can make one (the frame itself is valid UTF-8); checked here, once, so that no
+        # string that cannot be encoded reaches an engine, a path or a reply that echoes it.
+        where = _bad_unicode_at(obj, "")
+        if where is not None:
+            mtype = normalize_type(obj["type"]) if isinstance(obj.get("type"), str) and where != "type" else None
+            name = f"{_SAFE_NAME_RE.sub('', mtype)[:40]}.{where}" if mtype else where
+            raise InvalidField(f"{name} is not valid Unicode (a lone surrogate)",
+                               request_id=_rid(obj.get("request_id")))
     return obj
 
 

@@ -151,16 +151,33 @@ class Engines:
     # ------------------------------------------------------------------ switching
 
     def resolve_model_path(self, raw: str) -> Path:
-        """A client-supplied model path, confined to the models directory unless the operator allows any."""
-        p = Path(raw).expanduser()
-        if not p.is_absolute():
-            p = self.cfg.models_dir / p
-        p = p.resolve()
+        """A client-supplied model path, confined to the models directory unless the operator allows any.
+
+        Whatever the OS refuses about it (NUL, over-long names, an unknown user's home) is the client's
+        error, answered as `invalid_field`.
+        """
+        try:
+            p = Path(raw).expanduser()
+            if not p.is_absolute():
+                p = self.cfg.models_dir / p
+            p = p.resolve()
+        except (OSError, ValueError, RuntimeError):
+            raise InvalidField("model path is not a valid path") from None
         if not self.cfg.allow_any_model_path:
             root = self.cfg.models_dir.resolve()
             if p != root and root not in p.parents:
                 raise InvalidField("model path must be inside the models directory")
         return p
+
+    async def model_file_exists(self, path: Path) -> bool:
+        """Whether a model (a file, or an STT model's folder) is there, checked off the loop."""
+        def exists() -> bool:
+            try:
+                return path.exists()
+            except (OSError, ValueError):
+                return False
+
+        return await self.run_aux(exists)
 
     async def switch_stt(self, path: Path) -> None:
         """Load a new STT model; the old one keeps serving until the new one is ready."""

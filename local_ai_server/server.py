@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import hmac
 import itertools
 import json
@@ -27,79 +26,42 @@ from .config import ServerConfig, cpu_count
 from .errors import Busy, InvalidField, ServerError
 from .heap import malloc_trim
 from .metrics import Metrics
-from .pipeline import SessionRunner, Turn
+from .outbox import ConnectionOutbox
+from .pipeline import SessionRunner
 from .runtime import FETCH_HINT, Engines
 from .session import Session
+from .tasks import TaskOwner
 
 log = structlog.get_logger(__name__)
 
 # Text frames longer than this are JSON-decoded on a thread (a whole-utterance base64 frame is megabytes).
 BIG_FRAME = 256 * 1024
 MAX_AUTH_FAILURES = 3
+# Received frames a connection may have waiting to be handled, in bytes of the largest frame allowed.
+RECEIVE_QUEUE_BYTES = 64 * 1024 * 1024
+PROBES = ("/health", "/ready", "/metrics")
 _session_ids = itertools.count(1)
 
 
-class ConnectionOutbox:
-    """Per-connection writer: control messages overtake data; cancelled turns' data is dropped unsent."""
+class GuardedConnection(ServerConnection):
+    """A connection that cannot make the server hold more than its budget for a client that stops reading.
 
-    def __init__(self, ws: ServerConnection, max_items: int) -> None:
-        self.ws = ws
-        self.max_items = max_items
-        self._control: collections.deque[dict[str, Any]] = collections.deque()
-        self._data: collections.deque[tuple[dict[str, Any], bytes | None, Turn | None]] = collections.deque()
-        self._wake = asyncio.Event()
-        self.overflowed = False
-        self._closer: asyncio.Future[None] | None = None
+    websockets answers every ping with a pong written straight to the socket's buffer, outside any
+    queue of ours: a client that floods pings and never reads would grow that buffer without end.
+    """
 
-    def send_control(self, msg: dict[str, Any]) -> None:
-        """Queue a reply that must not wait behind audio."""
-        self._control.append(msg)
-        self._wake.set()
+    send_budget = 32 * 1024 * 1024  # set per server from ServerConfig.send_buffer_bytes
+    outbox: ConnectionOutbox | None = None
 
-    def send_data(self, msg: dict[str, Any], turn: Turn | None = None) -> None:
-        """Queue an ordered data message."""
-        self._push((msg, None, turn))
-
-    def send_audio(self, header: dict[str, Any], payload: bytes, turn: Turn) -> None:
-        """Queue a tts_audio header with its binary frame."""
-        self._push((header, payload, turn))
-
-    def _push(self, item: tuple[dict[str, Any], bytes | None, Turn | None]) -> None:
-        if len(self._data) >= self.max_items:
-            # The client stopped reading: memory must stay bounded, so the connection goes.
-            if not self.overflowed:
-                self.overflowed = True
-                log.warning("connection.send_queue_overflow", items=len(self._data))
-                self._closer = asyncio.ensure_future(self._close_stuck())
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
-        self._data.append(item)
-        self._wake.set()
-
-    async def _close_stuck(self) -> None:
-        """Close with 1008; a client that reads nothing never sees the close frame, so then drop the TCP link."""
-        try:
-            await asyncio.wait_for(self.ws.close(1008, "client is not reading; send queue full"), 2.0)
-        except (asyncio.TimeoutError, ConnectionClosed):
-            pass
-        if self.ws.transport is not None and not self.ws.transport.is_closing():
-            self.ws.transport.abort()
-
-    async def run(self) -> None:
-        """Send queued messages until the connection closes."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._control or self._data:
-                if self._control:
-                    await self.ws.send(P.dumps(self._control.popleft()))
-                    continue
-                msg, payload, turn = self._data.popleft()
-                if turn is not None and turn.cancelled:
-                    continue
-                await self.ws.send(P.dumps(msg))
-                if payload is not None:
-                    # No await between header and audio may let another message in: the pair is atomic.
-                    await self.ws.send(payload)
+        held = transport.get_write_buffer_size() + (self.outbox.queued_bytes if self.outbox else 0)
+        if held > self.send_budget:
+            log.warning("connection.not_reading", buffered=held, budget=self.send_budget)
+            transport.abort()
 
 
 class VoiceServer:
@@ -112,7 +74,8 @@ class VoiceServer:
         self.runners: set[SessionRunner] = set()
         self.started = time.monotonic()
         self._server: Server | None = None
-        self._bg: set[asyncio.Task[Any]] = set()
+        # The server's own background work (model loading, probes of itself, model switches).
+        self.tasks = TaskOwner("server")
         self._admin_task: asyncio.Task[Any] | None = None
         self.limits = P.Limits(max_text_chars=cfg.max_text_chars)
 
@@ -120,6 +83,8 @@ class VoiceServer:
 
     async def serve(self, stop: asyncio.Future[None]) -> None:
         """Open the port first, load models in the background, serve until `stop` resolves."""
+        connection_class = type("Connection", (GuardedConnection,), {"send_budget": self.cfg.send_buffer_bytes})
+        receive_queue = max(4, min(64, RECEIVE_QUEUE_BYTES // self.cfg.max_frame_bytes))
         async with serve(
             self._handler,
             self.cfg.host,
@@ -132,16 +97,18 @@ class VoiceServer:
             # Clients may not answer pings quickly (or at all): keepalive pings, never a ping timeout close.
             ping_interval=60,
             ping_timeout=None,
-            max_queue=64,
+            # Frames received but not handled yet: bounded in bytes of the largest frame, not only in count.
+            max_queue=receive_queue,
             compression=None,
             server_header="local-ai-server",
+            create_connection=connection_class,
         ) as server:
             self._server = server
             ports = sorted({s.getsockname()[1] for s in server.sockets})
             log.info("server.listening", host=self.cfg.host, port=ports[0] if ports else None, pid=os.getpid())
-            self._background(self.engines.start())
-            self._background(self._watch_loop_lag())
-            self._background(self._trim_memory())
+            self.tasks.spawn(self.engines.start(), name="load-models")
+            self.tasks.spawn(self._watch_loop_lag(), name="loop-lag")
+            self.tasks.spawn(self._trim_memory(), name="trim-memory")
             await stop
             log.info("server.stopping", sessions=len(self.runners))
             server.close(close_connections=True)  # 1001 going away
@@ -153,8 +120,7 @@ class VoiceServer:
                 log.warning("server.close_timeout", pending=stuck[:20])
         for runner in list(self.runners):
             await runner.close()
-        for task in list(self._bg):
-            task.cancel()
+        await self.tasks.aclose()
         await self.engines.close()
         log.info("server.stopped")
 
@@ -172,11 +138,6 @@ class VoiceServer:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(self.cfg.tls_cert, self.cfg.tls_key)
         return ctx
-
-    def _background(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
 
     async def _watch_loop_lag(self) -> None:
         """Measure how late the loop wakes a sleeping task: the figure that shows it never blocks."""
@@ -199,9 +160,33 @@ class VoiceServer:
     # ------------------------------------------------------------------ HTTP probes
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            return None
+        """HTTP on the WebSocket port: probes, and a 4xx (never a 5xx) for anything malformed."""
+        try:
+            return self._http(request)
+        except Exception:  # noqa: BLE001 - a request we cannot make sense of is the client's error
+            log.warning("http.bad_request", path=request.path[:80], exc_info=True)
+            return _json_response(HTTPStatus.BAD_REQUEST, {"status": "bad_request"})
+
+    def _http(self, request: Request) -> Response | None:
+        upgrades = [v.strip().lower() for v in request.headers.get_all("Upgrade")]
         path = request.path.split("?", 1)[0].rstrip("/") or "/"
+        if "websocket" in upgrades:
+            if len(upgrades) > 1:
+                return _json_response(HTTPStatus.BAD_REQUEST, {"status": "bad_request",
+                                                               "message": "more than one Upgrade header"})
+            return None  # the WebSocket handshake, checked by websockets itself
+        if request.method not in ("GET", "HEAD"):
+            status = HTTPStatus.METHOD_NOT_ALLOWED if path in PROBES else HTTPStatus.NOT_FOUND
+            response = _json_response(status, {"status": status.phrase.lower().replace(" ", "_")})
+            response.headers["Allow"] = "GET, HEAD"
+            return response
+        response = self._probe(path)
+        if request.method == "HEAD":
+            # The headers of the GET (Content-Length included), without its body.
+            return Response(response.status_code, response.reason_phrase, response.headers, b"")
+        return response
+
+    def _probe(self, path: str) -> Response:
         if path == "/health":
             return _json_response(HTTPStatus.OK, {"status": "ok", "uptime_s": self.uptime()})
         if path == "/ready":
@@ -239,24 +224,20 @@ class VoiceServer:
     async def _handler(self, ws: ServerConnection) -> None:
         session = Session(id=next(_session_ids), max_history_turns=self.cfg.llm.history_turns)
         session.authenticated = self.cfg.auth_token is None
-        outbox = ConnectionOutbox(ws, self.cfg.send_queue_max)
-        runner = SessionRunner(session, self.engines, outbox, self.cfg, self.metrics)
+        # Everything this connection starts belongs to it, and ends with it (runner.close awaits it all).
+        tasks = TaskOwner(f"session-{session.id}")
+        outbox = ConnectionOutbox(ws, self.cfg.send_queue_max, tasks, self.cfg.send_buffer_bytes)
+        if isinstance(ws, GuardedConnection):
+            ws.outbox = outbox
+        runner = SessionRunner(session, self.engines, outbox, self.cfg, self.metrics, tasks)
         self.runners.add(runner)
-        writer = asyncio.ensure_future(outbox.run())
+        writer = tasks.spawn(_write(outbox), name="writer")
         self.metrics.sessions.inc()
         self.metrics.connections.inc()
         log.info("session.open", session=session.id, remote=_remote(ws))
         try:
             async for frame in ws:
-                try:
-                    await self._on_frame(frame, session, runner, ws)
-                except ServerError as err:
-                    runner.error(err)
-                except ConnectionClosed:
-                    raise
-                except Exception:
-                    log.exception("message.failed", session=session.id)
-                    runner.error(ServerError("internal error while handling the message"))
+                await self._on_frame(frame, session, runner, ws)
                 if writer.done():
                     break
         except ConnectionClosed:
@@ -264,28 +245,55 @@ class VoiceServer:
         finally:
             self.runners.discard(runner)
             await runner.close()
-            writer.cancel()
             self.metrics.sessions.dec()
             log.info("session.closed", session=session.id, call_id=session.call_id,
                      code=ws.close_code)
 
     async def _on_frame(self, frame: str | bytes, session: Session, runner: SessionRunner,
                         ws: ServerConnection) -> None:
+        """Handle one frame; whatever goes wrong becomes exactly one error reply with its request id."""
+        msg: P.Message | None = None
+        try:
+            msg = await self._parse(frame, session, runner)
+            if msg is not None:
+                await self._dispatch(msg, session, runner, ws)
+        except ConnectionClosed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure is answered, none ends the connection
+            self._request_failed(runner, msg, exc)
+
+    def _request_failed(self, runner: SessionRunner, msg: P.Message | None, exc: BaseException) -> None:
+        """The one answer to a request that failed: its own error reply where it has one, and the envelope."""
+        if isinstance(exc, ServerError):
+            err = exc
+        else:
+            log.error("message.failed", session=runner.session.id, exc_info=exc)
+            err = ServerError("internal error while handling the message")
+        rid = getattr(msg, "request_id", None)
+        if err.request_id is None:
+            err.request_id = rid
+        if isinstance(msg, P.SwitchModel) and msg.scope != "session":
+            runner.out.send_control(P.switch_response("error", err.message, changed=[], request_id=rid))
+        elif isinstance(msg, P.Reload):
+            runner.out.send_control(P.reload_response("error", err.message, request_id=rid))
+        runner.error(err)
+
+    async def _parse(self, frame: str | bytes, session: Session, runner: SessionRunner) -> P.Message | None:
+        """A frame as a message (None when nothing is to be dispatched); raises ServerError for bad input."""
         if isinstance(frame, bytes):
             self.metrics.messages.labels("binary").inc()
             if not session.authenticated:
                 runner.out.send_control(P.auth_response(False, "authentication_required"))
-                return
+                return None
             runner.accept_audio(frame, None, None, None, binary=True)
-            return
+            return None
         obj = (await self.engines.run_aux(P.decode_json, frame)) if len(frame) > BIG_FRAME else P.decode_json(frame)
         msg = P.parse_object(obj, self.limits)
-        mtype = P.normalize_type(obj.get("type"))
-        self.metrics.messages.labels(mtype).inc()
+        self.metrics.messages.labels(P.normalize_type(obj.get("type"))).inc()
         if not session.authenticated and not isinstance(msg, P.Auth):
             runner.out.send_control(P.auth_response(False, "authentication_required"))
-            return
-        await self._dispatch(msg, session, runner, ws)
+            return None
+        return msg
 
     async def _dispatch(self, msg: P.Message, session: Session, runner: SessionRunner,
                         ws: ServerConnection) -> None:
@@ -357,20 +365,23 @@ class VoiceServer:
                     changed=changed, request_id=msg.request_id, call_id=msg.call_id or session.call_id,
                     scope="session"))
             else:
-                self._admin(self._switch_global(msg, runner), msg.request_id)
+                self._admin(self._switch_global(msg, runner), msg, runner)
         elif isinstance(msg, P.Reload):
-            self._admin(self._reload(msg, runner), msg.request_id)
+            self._admin(self._reload(msg, runner), msg, runner)
         elif isinstance(msg, P.ToolContext):
             session.tool_context = dict(msg.payload)
 
-    def _admin(self, coro: Any, request_id: P.RequestId) -> None:
-        """Run one model switch/reload at a time; a second one while one runs gets `busy`."""
+    def _admin(self, coro: Any, msg: P.SwitchModel | P.Reload, runner: SessionRunner) -> None:
+        """Run one model switch/reload at a time; a second one while one runs gets `busy`.
+
+        The server owns the task (a model load outlives the connection that asked for it); a failure
+        nobody foresaw still gets the requester its one answer.
+        """
         if self._admin_task is not None and not self._admin_task.done():
             coro.close()
-            raise Busy("a model switch or reload is already in progress", request_id=request_id)
-        self._admin_task = asyncio.ensure_future(coro)
-        self._bg.add(self._admin_task)
-        self._admin_task.add_done_callback(self._bg.discard)
+            raise Busy("a model switch or reload is already in progress", request_id=msg.request_id)
+        self._admin_task = self.tasks.spawn(coro, name=type(msg).__name__,
+                                            on_error=lambda exc: self._request_failed(runner, msg, exc))
 
     def _enter(self, call_id: str | None, mode: str | None, session: Session, runner: SessionRunner) -> None:
         """A message's call_id and mode override the session's from now on."""
@@ -415,8 +426,7 @@ class VoiceServer:
                 path = self.engines.resolve_model_path(raw)
                 current = {"stt": self.engines.stt_state.path, "llm": self.engines.pool.model_path,
                            "tts": self.engines.tts_state.path}[kind]
-                exists = await self.engines.run_aux(path.exists)
-                if not exists:
+                if not await self.engines.model_file_exists(path):
                     raise InvalidField(f"{kind} model path does not exist")
                 if current is not None and path == current.resolve():
                     continue
@@ -533,6 +543,14 @@ class VoiceServer:
         if request_id is not None:
             msg["request_id"] = request_id
         return msg
+
+
+async def _write(outbox: ConnectionOutbox) -> None:
+    """The connection's writer; a closed connection ends it quietly."""
+    try:
+        await outbox.run()
+    except ConnectionClosed:
+        pass
 
 
 def _task_name(task: asyncio.Task[Any]) -> str:

@@ -6,8 +6,9 @@ import asyncio
 import json
 from typing import Any
 
+from local_ai_server.outbox import ConnectionOutbox
 from local_ai_server.pipeline import Turn
-from local_ai_server.server import ConnectionOutbox
+from local_ai_server.tasks import TaskOwner
 
 
 class FakeWs:
@@ -37,7 +38,7 @@ async def _drain(ws: FakeWs, n: int) -> None:
 
 async def test_control_overtakes_queued_data_and_pairs_stay_together() -> None:
     ws = FakeWs()
-    out = ConnectionOutbox(ws, max_items=100)  # type: ignore[arg-type]
+    out = ConnectionOutbox(ws, max_items=100, owner=TaskOwner("test"))
     turn = Turn(id=1, kind="voice", request_id=None)
     ws.gate.clear()
     writer = asyncio.ensure_future(out.run())
@@ -54,7 +55,7 @@ async def test_control_overtakes_queued_data_and_pairs_stay_together() -> None:
 
 async def test_cancelled_turn_data_is_dropped_unsent() -> None:
     ws = FakeWs()
-    out = ConnectionOutbox(ws, max_items=100)  # type: ignore[arg-type]
+    out = ConnectionOutbox(ws, max_items=100, owner=TaskOwner("test"))
     turn = Turn(id=1, kind="voice", request_id=None)
     ws.gate.clear()
     writer = asyncio.ensure_future(out.run())
@@ -73,7 +74,7 @@ async def test_cancelled_turn_data_is_dropped_unsent() -> None:
 
 async def test_a_client_that_stops_reading_is_closed_1008_and_memory_stays_bounded() -> None:
     ws = FakeWs()
-    out = ConnectionOutbox(ws, max_items=16)  # type: ignore[arg-type]
+    out = ConnectionOutbox(ws, max_items=16, owner=TaskOwner("test"))
     ws.gate.clear()
     writer = asyncio.ensure_future(out.run())
     for i in range(1000):
@@ -81,4 +82,43 @@ async def test_a_client_that_stops_reading_is_closed_1008_and_memory_stays_bound
     await asyncio.sleep(0.01)
     assert len(out._data) <= 16
     assert ws.closed is not None and ws.closed[0] == 1008
+    writer.cancel()
+
+
+async def test_control_replies_count_too_a_client_that_only_asks_status_is_closed() -> None:
+    """Control replies overtake data but are bounded like it (before: unbounded, 120x what was sent)."""
+    ws = FakeWs()
+    out = ConnectionOutbox(ws, max_items=16, owner=TaskOwner("test"))
+    ws.gate.clear()
+    writer = asyncio.ensure_future(out.run())
+    for i in range(1000):
+        out.send_control({"type": "status_response", "i": i, "pad": "x" * 1000})
+    await asyncio.sleep(0.01)
+    assert len(out) <= 16 and len(out._control) <= 16
+    assert ws.closed is not None and ws.closed[0] == 1008
+    writer.cancel()
+
+
+async def test_bytes_are_bounded_whatever_the_item_count() -> None:
+    ws = FakeWs()
+    out = ConnectionOutbox(ws, max_items=10_000, owner=TaskOwner("test"), max_bytes=1_000_000)
+    ws.gate.clear()
+    writer = asyncio.ensure_future(out.run())
+    turn = Turn(id=1, kind="voice", request_id=None)
+    for _ in range(100):
+        out.send_audio({"type": "tts_audio"}, b"\x00" * 100_000, turn)
+        assert out.queued_bytes <= 1_000_000
+    await asyncio.sleep(0.01)
+    assert ws.closed is not None and ws.closed[0] == 1008
+    writer.cancel()
+
+
+async def test_one_message_bigger_than_the_budget_still_goes_out() -> None:
+    ws = FakeWs()
+    out = ConnectionOutbox(ws, max_items=16, owner=TaskOwner("test"), max_bytes=100_000)
+    writer = asyncio.ensure_future(out.run())
+    out.send_data({"type": "tts_response", "audio_data": "A" * 500_000})
+    await _drain(ws, 1)
+    assert ws.closed is None and ws.frames[0]["type"] == "tts_response"
+    assert out.queued_bytes == 0
     writer.cancel()

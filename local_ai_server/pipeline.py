@@ -568,7 +568,7 @@ class SessionRunner:
             job.cancel()
             if speaker is not None:
                 speaker.cancel()
-            self._report_cancelled(turn)
+            # The requester was answered `cancelled` by cancel_all, which is what cancels a turn.
             if context is None and parts and not turn.held:
                 # The caller heard (part of) this answer: keep it so the conversation stays coherent,
                 # unless the history was reset meanwhile (new call, stop_session).
@@ -671,9 +671,6 @@ class SessionRunner:
             # Text with nothing a voice can say (symbols only) is answered with no audio.
             speech = clean_for_speech(req.text)
             payload = await self._synthesize(speech, enc, rate) if speech else b""
-        except asyncio.CancelledError:
-            self._report_cancelled(turn)
-            raise
         except ServerError as err:
             self._tts_failed(turn, req, err)
             return
@@ -708,12 +705,18 @@ class SessionRunner:
     # ------------------------------------------------------------------ cancellation
 
     def cancel_all(self) -> int:
-        """Cancel every turn in flight (barge-in); returns how many were cancelled."""
+        """Cancel every turn in flight (barge-in); returns how many were cancelled.
+
+        Each explicit request cancelled here is answered `cancelled` now: a task cancelled before it
+        first ran never reaches its own handlers, and its requester would wait forever.
+        """
         n = 0
         for turn in list(self.turns):
-            if not turn.cancelled:
-                turn.cancel()
-                n += 1
+            if turn.cancelled or (turn.task is not None and turn.task.done()):
+                continue  # answered already (its reply may still wait in the outbox)
+            turn.cancel()
+            self._report_cancelled(turn)
+            n += 1
         self.session.cancel_generation()
         return n
 

@@ -35,6 +35,7 @@ class Auth:
 
     token: str
     call_id: str | None = None
+    request_id: RequestId = None
 
 
 @dataclass(frozen=True)
@@ -339,7 +340,7 @@ def _parse_auth(f: _Fields, limits: Limits) -> Auth:
         token = f.opt_id("token", 4096)
     if token is None:
         raise f.fail("auth_token is required")
-    return Auth(token=token, call_id=f.call_id)
+    return Auth(token=token, call_id=f.call_id, request_id=f.request_id)
 
 
 def _parse_set_mode(f: _Fields, limits: Limits) -> SetMode:
@@ -582,12 +583,12 @@ def error_message(err: ServerError) -> dict[str, Any]:
     return msg
 
 
-def auth_response(ok: bool, message: str | None = None) -> dict[str, Any]:
-    """`auth_response` with status ok/error."""
+def auth_response(ok: bool, message: str | None = None, request_id: RequestId = None) -> dict[str, Any]:
+    """`auth_response` with status ok/error (and the request id of what it answers, when it had one)."""
     msg: dict[str, Any] = {"type": "auth_response", "status": "ok" if ok else "error"}
     if message:
         msg["message"] = message
-    return msg
+    return _with_ids(msg, request_id)
 
 
 def stt_result(

@@ -17,7 +17,9 @@ from typing import Any
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidMessage
+from websockets.protocol import State
+from websockets.server import ServerProtocol
 from websockets.http11 import Request, Response
 from websockets.typing import Origin
 
@@ -43,6 +45,15 @@ PROBES = ("/health", "/ready", "/metrics")
 _session_ids = itertools.count(1)
 
 
+class AnsweringProtocol(ServerProtocol):
+    """websockets' server protocol, answering a request it cannot parse with 400 rather than a bare close."""
+
+    def send_eof(self) -> None:
+        if self.state is State.CONNECTING and isinstance(self.handshake_exc, InvalidMessage) and not self.writes:
+            self.writes.append(self.reject(HTTPStatus.BAD_REQUEST, "malformed HTTP request\n").serialize())
+        super().send_eof()
+
+
 class GuardedConnection(ServerConnection):
     """A connection that cannot make the server hold more than its budget for a client that stops reading.
 
@@ -52,6 +63,11 @@ class GuardedConnection(ServerConnection):
 
     send_budget = 32 * 1024 * 1024  # set per server from ServerConfig.send_buffer_bytes
     outbox: ConnectionOutbox | None = None
+
+    def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
+        # Nothing has been parsed yet: the protocol can still change its class (it adds no state).
+        protocol.__class__ = AnsweringProtocol
+        super().__init__(protocol, *args, **kwargs)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -291,7 +307,8 @@ class VoiceServer:
         msg = P.parse_object(obj, self.limits)
         self.metrics.messages.labels(P.normalize_type(obj.get("type"))).inc()
         if not session.authenticated and not isinstance(msg, P.Auth):
-            runner.out.send_control(P.auth_response(False, "authentication_required"))
+            runner.out.send_control(P.auth_response(False, "authentication_required",
+                                                    getattr(msg, "request_id", None)))
             return None
         return msg
 
@@ -403,11 +420,11 @@ class VoiceServer:
             session.authenticated = True
             if msg.call_id:
                 session.adopt_call_id(msg.call_id)
-            runner.out.send_control(P.auth_response(True))
+            runner.out.send_control(P.auth_response(True, request_id=msg.request_id))
             return
         session.auth_failures += 1
         log.warning("auth.failed", session=session.id, failures=session.auth_failures, remote=_remote(ws))
-        runner.out.send_control(P.auth_response(False, "invalid_auth_token"))
+        runner.out.send_control(P.auth_response(False, "invalid_auth_token", msg.request_id))
         if session.auth_failures >= MAX_AUTH_FAILURES:
             await asyncio.sleep(0.05)  # let the reply go out first
             await ws.close(1008, "too many failed authentication attempts")
@@ -470,6 +487,8 @@ class VoiceServer:
                         else self.engines.pool.model_path)
                 if path is None:
                     raise InvalidField("no LLM model configured to reload")
+                if msg.model_path and not await self.engines.model_file_exists(path):
+                    raise InvalidField("llm model path does not exist")
                 await self.engines.switch_llm(path)
                 message = f"LLM reloaded ({path.name})"
             else:

@@ -149,7 +149,7 @@ def fuzz_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 def test_fuzzed_messages_never_break_the_server(fuzz_server: ServerProc) -> None:
     good = WellBehaved(fuzz_server.url)
     good.start()
-    sent = {"n": 0}
+    sent = {"n": 0, "answered": 0}
 
     @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
@@ -157,7 +157,7 @@ def test_fuzzed_messages_never_break_the_server(fuzz_server: ServerProc) -> None
     def one_connection(frames: list[str | bytes]) -> None:
         frames = [f for f in frames if not _is_heavy_admin(f)]
         sent["n"] += len(frames)
-        asyncio.run(_session(fuzz_server.url, frames))
+        sent["answered"] += asyncio.run(_session(fuzz_server.url, frames))
 
     try:
         one_connection()
@@ -165,6 +165,7 @@ def test_fuzzed_messages_never_break_the_server(fuzz_server: ServerProc) -> None
         good.stop.set()
         good.join(180)
     assert sent["n"] >= 9000
+    assert sent["answered"] >= 3000, sent  # requests whose one answer was checked
     assert fuzz_server.proc.poll() is None, "server died"
     assert fuzz_server.http("/health")[0] == 200
     assert not good.failures, good.failures
@@ -203,7 +204,7 @@ def _typed_object(frame: str | bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) and isinstance(obj.get("type"), str) else None
 
 
-async def _session(url: str, frames: list[str | bytes]) -> None:
+async def _session(url: str, frames: list[str | bytes]) -> int:
     """Send the frames, cancel what is still running, then a status as a sentinel.
 
     Every reply must conform, and every request with an id must get exactly one answer: its own reply
@@ -228,7 +229,7 @@ async def _session(url: str, frames: list[str | bytes]) -> None:
             except websockets.ConnectionClosed as exc:
                 # Only a frame over the limit or failed auth may close a connection.
                 assert exc.rcvd is not None and exc.rcvd.code in (1009, 1008), exc
-                return
+                return 0
             _check_reply(raw, previous)
             previous = json.loads(raw) if isinstance(raw, str) else raw
             if not isinstance(previous, dict):
@@ -240,6 +241,7 @@ async def _session(url: str, frames: list[str | bytes]) -> None:
                 answers[rid].append(previous["type"])
     for rid, kinds in answers.items():
         assert kinds.count("error") <= 1 and kinds.count(owed[rid] or "-") <= 1, (rid, kinds)
+    return sum(1 for r, t in owed.items() if t is not None)
 
 
 def _rid_in(frame: str | bytes, rids: list[str]) -> bool:

@@ -16,6 +16,7 @@ import numpy as np
 import structlog
 
 from . import protocol as P
+from . import toolgate
 from .audio import StreamResampler, encode_output, mulaw_decode, normalize_input_format, pcm16_to_float32
 from .config import ServerConfig
 from .engines.stt import Transcript
@@ -25,6 +26,7 @@ from .runtime import Engines
 from .session import Session
 from .tasks import ErrorHandler, TaskOwner
 from .text import SentenceSplitter, clean_for_speech
+from .tools import Tool, allowed, farewell_from_result, tool_result_prompt
 from .vad import Segmenter, SegmenterSettings, UtteranceEnd, UtteranceStart
 
 log = structlog.get_logger(__name__)
@@ -77,6 +79,13 @@ class Turn:
     held: bool = False
     failed: bool = False  # a held turn hit an error: its confirmation starts a fresh turn instead
     pending: list[Callable[[], None]] = field(default_factory=list)
+    # How the answer is marked on the wire: `mode` of its tts_audio headers and of its llm_response, and
+    # AVA's top-level flags on that llm_response (`tool_result_final`, `tool_gateway_done`, `tool_path`).
+    audio_mode: str = "full"
+    response_mode: str = "llm"
+    flags: dict[str, Any] = field(default_factory=dict)
+    # A barge-in with rollback_assistant cancelled it: nothing of it enters the history.
+    rollback: bool = False
 
     def cancel(self) -> None:
         """Mark cancelled (synchronously: the writer checks it) and stop the task."""
@@ -98,6 +107,32 @@ class Turn:
         actions, self.pending = self.pending, []
         for action in actions:
             action()
+
+
+class TokenSource(Protocol):
+    """Where an answer's text comes from: an LLM pool job, or a text given in advance."""
+
+    last_tokens: int
+    stats: dict[str, Any]
+
+    def stream(self) -> Any: ...
+
+    def cancel(self) -> None: ...
+
+
+class _FixedAnswer:
+    """An answer known in advance (a farewell), spoken through the same path as the LLM's."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.last_tokens = 0
+        self.stats: dict[str, Any] = {}
+
+    async def stream(self) -> Any:
+        yield self.text
+
+    def cancel(self) -> None:
+        """Nothing runs elsewhere to stop."""
 
 
 @dataclass
@@ -488,18 +523,24 @@ class SessionRunner:
         context: tuple[tuple[str, str], ...] | None = None,
         timings: dict[str, float] | None = None,
         held: bool = False,
+        answer: str | None = None,
+        remember: str | None = None,
+        mark: dict[str, Any] | None = None,
     ) -> Turn:
         """Start an answer; a new voice turn cancels the voice turn still in flight (the caller spoke again).
 
         A `held` (speculative) voice turn sends nothing and cancels nothing until it is confirmed.
+        `answer` is spoken as it is, without the LLM (a farewell); `remember` is what the history keeps
+        of `text`; `mark` sets the Turn's wire markings (audio_mode, response_mode, flags).
         """
         if kind == "voice" and not held and self.voice_turn is not None and not self.voice_turn.cancelled:
             self.voice_turn.cancel()
         elif kind != "voice":
             self._check_inflight(request_id)
-        turn = Turn(id=next(_turn_ids), kind=kind, request_id=request_id, timings=dict(timings or {}), held=held)
+        turn = Turn(id=next(_turn_ids), kind=kind, request_id=request_id, timings=dict(timings or {}), held=held,
+                    **(mark or {}))
         turn.timings.setdefault("start", time.monotonic())
-        turn.task = self._spawn(self._run_turn(turn, text, speak, stream_tokens, context),
+        turn.task = self._spawn(self._run_turn(turn, text, speak, stream_tokens, context, answer, remember),
                                 lambda exc: self._turn_error(turn, _as_server_error(exc, "the answer")))
         self.turns.add(turn)
         turn.task.add_done_callback(lambda _t: self.turns.discard(turn))
@@ -516,17 +557,30 @@ class SessionRunner:
         self.error(err)
 
     async def _run_turn(self, turn: Turn, text: str, speak: bool, stream_tokens: bool,
-                        context: tuple[tuple[str, str], ...] | None) -> None:
+                        context: tuple[tuple[str, str], ...] | None, fixed: str | None = None,
+                        remember: str | None = None) -> None:
         s = self.session
         call_id = s.call_id
         messages = s.messages_for(text, self.engines.default_prompt, context)
         epoch = s.history_epoch
+        remembered = text if remember is None else remember
         log.info("llm.request", session=s.id, call_id=call_id, kind=turn.kind, turn=turn.id,
                  messages=len(messages), history=len(s.history), context=context is not None,
-                 system_prompt_chars=len(messages[0][1]) if messages[0][0] == "system" else 0)
+                 system_prompt_chars=len(messages[0][1]) if messages[0][0] == "system" else 0,
+                 interrupted=s.interrupted, fixed=fixed is not None)
         enc, rate, _fb = s.output_format()
+        tools = self.call_tools() if turn.kind == "voice" and speak and fixed is None else ()
         try:
-            job = self.engines.pool.submit(messages, self.engines.sampling())
+            if tools:
+                # As AVA's server does: a tool the caller's words call for is decided before speaking.
+                gated = await toolgate.gate(self.engines.pool, self.engines.sampling(), user_text=text,
+                                            tools=tools, policy=s.tool_policy, messages=messages)
+                if gated is not None:
+                    self._send_gated(turn, gated, text, epoch)
+                    return
+                turn.flags["tool_gateway_done"] = True
+            job: TokenSource = (_FixedAnswer(fixed) if fixed is not None
+                                else self.engines.pool.submit(messages, self.engines.sampling()))
         except ServerError as err:
             self._turn_error(turn, err)
             return
@@ -555,12 +609,14 @@ class SessionRunner:
                 sentences.put_nowait(None)
                 await speaker
             answer = "".join(parts).strip()
-            response = P.llm_response(answer, call_id=call_id, request_id=turn.request_id)
+            response = P.llm_response(answer, call_id=call_id, request_id=turn.request_id, mode=turn.response_mode,
+                                      flags=turn.flags)
 
             def finish() -> None:
                 self.out.send_data(response, turn)
                 if context is None:
-                    s.add_turn(text, answer, epoch)
+                    s.add_turn(remembered, answer, epoch)
+                s.interrupted = False  # the answer after an interruption has been given
                 self._log_turn(turn, job.stats, len(answer))
 
             turn.emit(finish)
@@ -569,10 +625,11 @@ class SessionRunner:
             if speaker is not None:
                 speaker.cancel()
             # The requester was answered `cancelled` by cancel_all, which is what cancels a turn.
-            if context is None and parts and not turn.held:
+            if context is None and parts and not turn.held and not turn.rollback:
                 # The caller heard (part of) this answer: keep it so the conversation stays coherent,
-                # unless the history was reset meanwhile (new call, stop_session).
-                s.add_turn(text, "".join(parts).strip(), epoch)
+                # unless the history was reset meanwhile (new call, stop_session) or the client asked
+                # for it to be rolled back.
+                s.add_turn(remembered, "".join(parts).strip(), epoch)
             raise
         except ServerError as err:
             if speaker is not None:
@@ -614,7 +671,7 @@ class SessionRunner:
             return
         if is_final:
             turn.timings["final_sent"] = 1.0
-        header = P.tts_audio(call_id=self.session.call_id, mode="full", encoding=enc, sample_rate_hz=rate,
+        header = P.tts_audio(call_id=self.session.call_id, mode=turn.audio_mode, encoding=enc, sample_rate_hz=rate,
                              byte_length=len(payload), utterance_id=utterance_id, chunk_index=index,
                              is_final=is_final, request_id=turn.request_id)
 
@@ -652,6 +709,84 @@ class SessionRunner:
                  stt_ms=round(t["stt_ms"], 1) if "stt_ms" in t else None, llm_first_token_ms=first_token,
                  first_audio_ms=first_audio, total_ms=total, tokens=stats.get("tokens"),
                  decode_tok_s=stats.get("decode_tok_s"), chars=chars, speculative="speculated" in t)
+
+    # ------------------------------------------------------------------ tools
+
+    def call_tools(self) -> tuple[Tool, ...]:
+        """The tools this call may use (tool_context's tools, narrowed to its allowed names)."""
+        s = self.session
+        if s.tools:
+            return allowed(s.tools, s.allowed_tools)
+        # AVA may allow names it declared no schema for: they are still callable, without arguments.
+        return tuple(Tool(name=n, description="", parameters={"type": "object", "properties": {}})
+                     for n in s.allowed_tools)
+
+    def _send_gated(self, turn: Turn, gated: toolgate.ToolDecision, text: str, epoch: int) -> None:
+        """A voice turn that became a tool call: llm_tool_response (server_gated), nothing spoken."""
+        s = self.session
+        msg = P.llm_tool_response(call_id=s.call_id, request_id=None, text=gated.answer,
+                                  tool_calls=[c.wire() for c in gated.calls], tool_path=gated.path,
+                                  structured_attempts=gated.structured_attempts, server_gated=True)
+
+        def send() -> None:
+            self.out.send_data(msg, turn)
+            s.add_turn(text, gated.answer or f"(I used the tool {gated.calls[0].name}.)", epoch)
+            log.info("turn.tool_call", session=s.id, call_id=s.call_id, tools=[c.name for c in gated.calls],
+                     tool_path=gated.path)
+
+        turn.emit(send)
+
+    def start_tool_request(self, req: P.LlmToolRequest) -> Turn:
+        """llm_tool_request: find the tool calls of an answer; answered by llm_tool_response."""
+        self._check_inflight(req.request_id)
+        turn = Turn(id=next(_turn_ids), kind="llm_tool_request", request_id=req.request_id)
+        turn.task = self._spawn(self._tool_request(turn, req),
+                                lambda exc: self._turn_error(turn, _as_server_error(exc, "the tool search")))
+        self.turns.add(turn)
+        turn.task.add_done_callback(lambda _t: self.turns.discard(turn))
+        return turn
+
+    async def _tool_request(self, turn: Turn, req: P.LlmToolRequest) -> None:
+        s = self.session
+        tools = req.tools if req.tools is not None else s.tools
+        names = req.allowed_tools if req.allowed_tools is not None else s.allowed_tools
+        usable = allowed(tools, names) if tools else self.call_tools()
+        question = req.latest_user_text or req.text
+        try:
+            found = await toolgate.find_tool_calls(
+                self.engines.pool, self.engines.sampling(), text=req.text, latest_user_text=req.latest_user_text,
+                tools=usable, policy=req.tool_policy or s.tool_policy, choice=req.tool_choice,
+                messages=s.messages_for(question, self.engines.default_prompt))
+        except ServerError as err:
+            self._turn_error(turn, err)
+            return
+        log.info("tool_request.done", session=s.id, call_id=s.call_id, tools=[c.name for c in found.calls],
+                 tool_path=found.path)
+        self.out.send_data(P.llm_tool_response(
+            call_id=s.call_id, request_id=req.request_id, text=req.text, tool_calls=[c.wire() for c in found.calls],
+            tool_path=found.path, structured_attempts=found.structured_attempts), turn)
+
+    def start_tool_result(self, req: P.ToolResult) -> Turn:
+        """tool_result: the answer the tool's result calls for, spoken in every mode (as AVA's server does).
+
+        A successful hangup needs no LLM: its farewell is spoken as the tool gave it.
+        """
+        s = self.session
+        if req.output_encoding is not None or req.output_sample_rate_hz is not None:
+            s.output_encoding, s.output_sample_rate_hz, _fb = s.output_format(req.output_encoding,
+                                                                             req.output_sample_rate_hz)
+        terminal = req.tool_name == toolgate.HANGUP and not req.is_error
+        flags = {"tool_result_final": True, "tool_gateway_done": True,
+                 "tool_path": "terminal_farewell" if terminal else "none"}
+        mark = {"audio_mode": "tool_result", "response_mode": "tool_result", "flags": flags}
+        remember = f"(The tool {req.tool_name} {'failed' if req.is_error else 'returned'}.)"
+        if terminal:
+            return self.start_turn("", kind="tool_result", request_id=req.request_id, speak=True,
+                                   stream_tokens=False, answer=farewell_from_result(req.result), remember=remember,
+                                   mark=mark)
+        return self.start_turn(tool_result_prompt(req.tool_name, req.result, req.is_error), kind="tool_result",
+                               request_id=req.request_id, speak=True, stream_tokens=False, remember=remember,
+                               mark=mark)
 
     # ------------------------------------------------------------------ tts requests
 
@@ -704,20 +839,30 @@ class SessionRunner:
 
     # ------------------------------------------------------------------ cancellation
 
-    def cancel_all(self) -> int:
+    def cancel_all(self, rollback: bool = False) -> int:
         """Cancel every turn in flight (barge-in); returns how many were cancelled.
 
         Each explicit request cancelled here is answered `cancelled` now: a task cancelled before it
-        first ran never reaches its own handlers, and its requester would wait forever.
+        first ran never reaches its own handlers, and its requester would wait forever. With `rollback`
+        (AVA's rollback_assistant), the interrupted exchange leaves no trace in the history: a turn cut
+        off here records nothing, and if none was running, the answer the caller was still hearing
+        (generated, being played out) is forgotten.
         """
         n = 0
+        cut_answer = False
         for turn in list(self.turns):
             if turn.cancelled or (turn.task is not None and turn.task.done()):
                 continue  # answered already (its reply may still wait in the outbox)
+            turn.rollback = rollback
+            cut_answer = cut_answer or (turn.kind in ("voice", "tool_result") and not turn.held)
             turn.cancel()
             self._report_cancelled(turn)
             n += 1
-        self.session.cancel_generation()
+        if rollback:
+            if cut_answer:
+                self.session.interrupted = True
+            else:
+                self.session.rollback()
         return n
 
     def stop_speech(self) -> None:

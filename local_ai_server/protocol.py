@@ -7,13 +7,17 @@ import binascii
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidField, InvalidJson, PayloadTooLarge, RequestId, ServerError, UnknownType
+from .tools import Tool, ToolError, normalize_policy, parse_names, parse_tools
 
 MODES = ("full", "stt", "llm", "tts")
 CONTEXT_ROLES = ("system", "user", "assistant")
+PROTOCOL_VERSION = 2  # AVA's local_ai_server protocol; a client's other value is accepted (AVA only warns)
+TOOL_CHOICES = ("auto", "required", "none")
+MAX_TOOL_RESULT_CHARS = 65536  # a tool's result as JSON; the model sees at most 4000 characters of it
 STT_BACKEND = "faster_whisper"
 TTS_BACKEND = "piper"
 
@@ -141,24 +145,73 @@ class Capabilities:
 
 @dataclass(frozen=True)
 class BargeIn:
-    """`barge_in`: cancel the answer in flight."""
+    """`barge_in`: cancel the answer in flight (and, with `rollback_assistant`, forget it)."""
 
     call_id: str | None = None
     request_id: RequestId = None
     reason: str | None = None
+    rollback_assistant: bool = False
 
 
 @dataclass(frozen=True)
 class ToolContext:
-    """`tool_context`: stored on the session, no reply."""
+    """`tool_context`: the tools the call may use, stored on the session, no reply."""
 
-    payload: Mapping[str, Any] = field(default_factory=dict)
+    tools: tuple[Tool, ...] = ()
+    allowed_tools: tuple[str, ...] = ()
+    tool_policy: str = "auto"
+    call_id: str | None = None
+
+
+@dataclass(frozen=True)
+class LlmToolRequest:
+    """`llm_tool_request`: find the tool calls an answer makes (or should make) -> `llm_tool_response`."""
+
+    text: str
+    latest_user_text: str = ""
+    tools: tuple[Tool, ...] | None = None  # None: the session's tool_context
+    allowed_tools: tuple[str, ...] | None = None
+    tool_policy: str | None = None
+    tool_choice: str = "auto"
+    call_id: str | None = None
+    request_id: RequestId = None
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """`tool_result`: what a tool the client ran returned -> the spoken follow-up answer."""
+
+    tool_name: str
+    result: Any = None
+    is_error: bool = False
+    function_call_id: str | None = None
+    call_id: str | None = None
+    request_id: RequestId = None
+    output_encoding: str | None = None
+    output_sample_rate_hz: int | None = None
+
+
+@dataclass(frozen=True)
+class Backends:
+    """`backends`: the STT, TTS and LLM backends this server has, with their settings' schema."""
+
+    request_id: RequestId = None
+    call_id: str | None = None
+
+
+@dataclass(frozen=True)
+class BackendSchema:
+    """`backend_schema`: one backend's settings schema."""
+
+    backend_type: str
+    backend_name: str
+    request_id: RequestId = None
     call_id: str | None = None
 
 
 Message = (
     Auth | SetMode | Audio | LlmRequest | TtsRequest | SwitchModel | Reload | Status | Capabilities | BargeIn
-    | ToolContext
+    | ToolContext | LlmToolRequest | ToolResult | Backends | BackendSchema
 )
 
 
@@ -204,7 +257,7 @@ def _bad_unicode_at(value: Any, where: str, depth: int = 0) -> str | None:
 
 def normalize_type(value: Any) -> str:
     """Lower-case, trim and map `-` to `_`, as the protocol prescribes."""
-    return str(value).strip().lower().replace("-", "_")
+    return str(value).replace("\x00", "").strip().lower().replace("-", "_")
 
 
 def _rid(value: Any) -> RequestId:
@@ -387,8 +440,7 @@ def _parse_context(f: _Fields, limits: Limits) -> tuple[tuple[str, str], ...] | 
         items = next((v for k in ("messages", "prior_messages") if isinstance(v := ctx.get(k), list)), None)
         if items is None:
             return None
-        chat = [(m["role"], m["content"]) for m in items if isinstance(m, dict)
-                and m.get("role") in CONTEXT_ROLES and isinstance(m.get("content"), str) and m["content"]]
+        chat = [item for m in items if (item := _ava_chat_item(m)) is not None]
         return _capped_context(f, limits, chat[-limits.max_context_items:])
     if not isinstance(ctx, list):
         raise f.fail("context must be a list of {role, content} objects")
@@ -406,6 +458,27 @@ def _parse_context(f: _Fields, limits: Limits) -> tuple[tuple[str, str], ...] | 
     return _capped_context(f, limits, out)
 
 
+def _ava_chat_item(m: Any) -> tuple[str, str] | None:
+    """One message of AVA's context as (role, content) for a chat template without tool roles, or None.
+
+    AVA keeps OpenAI-style tool turns in its history: an assistant message whose `content` is null and
+    whose `tool_calls` name the tools, then a `tool` message with the result. They become plain turns
+    the model can read; anything else malformed is skipped, as AVA's own server ignores the context.
+    """
+    if not isinstance(m, dict):
+        return None
+    role, content = m.get("role"), m.get("content")
+    if role == "tool" and isinstance(content, str) and content:
+        return ("user", f"(The tool returned: {content})")
+    if role == "assistant" and not content and isinstance(m.get("tool_calls"), list):
+        names = [c["function"].get("name") for c in m["tool_calls"][:8] if isinstance(c, dict)
+                 and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)]
+        return ("assistant", f"(I used the tool {', '.join(names)}.)") if names else None
+    if role in CONTEXT_ROLES and isinstance(content, str) and content:
+        return (role, content)
+    return None
+
+
 def _capped_context(f: _Fields, limits: Limits, chat: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
     """The context with control characters cleaned, refused when a message or the whole is over its cap."""
     total = 0
@@ -421,7 +494,10 @@ def _capped_context(f: _Fields, limits: Limits, chat: list[tuple[str, str]]) -> 
 
 
 def _parse_llm(f: _Fields, limits: Limits) -> LlmRequest:
-    text = f.req_str("text", limits.max_text_chars)
+    # AVA's pipeline sends an empty text after a tool ran, with the tool's result in the context.
+    text = f.opt_str("text", limits.max_text_chars)
+    if text is None:
+        raise f.fail("text is required")
     return LlmRequest(
         text=text,
         call_id=f.call_id,
@@ -499,11 +575,61 @@ def _parse_reload_llm(f: _Fields, limits: Limits) -> Reload:
 
 
 def _parse_barge_in(f: _Fields, limits: Limits) -> BargeIn:
-    return BargeIn(call_id=f.call_id, request_id=f.request_id, reason=f.opt_id("reason", 64))
+    reason = f.opt_id("reason", 64)
+    return BargeIn(call_id=f.call_id, request_id=f.request_id, reason=reason.strip().lower() if reason else None,
+                   rollback_assistant=f.opt_bool("rollback_assistant"))
+
+
+def _tool_fields(f: _Fields) -> tuple[tuple[Tool, ...] | None, tuple[str, ...] | None]:
+    """`tools` and `allowed_tools` (None when absent), capped as docs/protocol.md says."""
+    try:
+        tools = parse_tools(f.obj["tools"], f"{f.mtype}.tools") if "tools" in f.obj else None
+        names = parse_names(f.obj["allowed_tools"], f"{f.mtype}.allowed_tools") if "allowed_tools" in f.obj else None
+    except ToolError as err:
+        cls = PayloadTooLarge if err.too_large else InvalidField
+        raise cls(str(err), request_id=_rid(f.request_id), call_id=f.call_id) from None
+    return tools, names
 
 
 def _parse_tool_context(f: _Fields, limits: Limits) -> ToolContext:
-    return ToolContext(payload=dict(f.obj), call_id=f.call_id)
+    tools, names = _tool_fields(f)
+    return ToolContext(tools=tools or (), allowed_tools=names or (),
+                       tool_policy=normalize_policy(f.opt_id("tool_policy", 32)), call_id=f.call_id)
+
+
+def _parse_llm_tool_request(f: _Fields, limits: Limits) -> LlmToolRequest:
+    tools, names = _tool_fields(f)
+    policy = f.opt_id("tool_policy", 32)
+    choice = (f.opt_id("tool_choice", 32) or "auto").strip().lower()
+    if choice not in TOOL_CHOICES:
+        raise f.fail(f"tool_choice must be one of {', '.join(TOOL_CHOICES)}")
+    return LlmToolRequest(
+        text=f.opt_str("text", limits.max_text_chars) or "",
+        latest_user_text=f.opt_str("latest_user_text", limits.max_text_chars) or "",
+        tools=tools, allowed_tools=names, tool_policy=None if policy is None else normalize_policy(policy),
+        tool_choice=choice, call_id=f.call_id, request_id=f.request_id,
+    )
+
+
+def _parse_tool_result(f: _Fields, limits: Limits) -> ToolResult:
+    name = f.opt_id("tool_name", 64) or f.opt_id("function_call_id", 256) or "tool"
+    result = f.obj.get("result")
+    if len(json.dumps(result, default=str)) > MAX_TOOL_RESULT_CHARS:
+        raise PayloadTooLarge(f"tool_result.result is longer than {MAX_TOOL_RESULT_CHARS} characters as JSON",
+                              request_id=_rid(f.request_id))
+    return ToolResult(
+        tool_name=name, result=result, is_error=f.opt_bool("is_error"),
+        function_call_id=f.opt_id("function_call_id", 256), call_id=f.call_id, request_id=f.request_id,
+        output_encoding=f.opt_encoding("output_encoding", "encoding"),
+        output_sample_rate_hz=f.opt_int("output_sample_rate_hz", 1, 384000, "sample_rate_hz"),
+    )
+
+
+def _parse_backend_schema(f: _Fields, limits: Limits) -> BackendSchema:
+    # Sanitised: an unknown name is echoed in the error.
+    return BackendSchema(backend_type=_SAFE_NAME_RE.sub("", (f.opt_id("backend_type", 64) or "").strip().lower()),
+                         backend_name=_SAFE_NAME_RE.sub("", (f.opt_id("backend_name", 64) or "").strip().lower()),
+                         request_id=f.request_id, call_id=f.call_id)
 
 
 _PARSERS: dict[str, Callable[[_Fields, Limits], Message]] = {
@@ -519,6 +645,10 @@ _PARSERS: dict[str, Callable[[_Fields, Limits], Message]] = {
     "capabilities": lambda f, _l: Capabilities(request_id=f.request_id, call_id=f.call_id),
     "barge_in": _parse_barge_in,
     "tool_context": _parse_tool_context,
+    "llm_tool_request": _parse_llm_tool_request,
+    "tool_result": _parse_tool_result,
+    "backends": lambda f, _l: Backends(request_id=f.request_id, call_id=f.call_id),
+    "backend_schema": _parse_backend_schema,
 }
 
 MESSAGE_TYPES: tuple[str, ...] = tuple(_PARSERS)
@@ -618,14 +748,48 @@ def stt_result(
     return _with_ids(msg, request_id)
 
 
-def llm_response(text: str, *, call_id: str, request_id: RequestId = None) -> dict[str, Any]:
-    """`llm_response` with the whole answer."""
-    return _with_ids({"type": "llm_response", "text": text, "call_id": call_id, "mode": "llm"}, request_id)
+def llm_response(text: str, *, call_id: str, request_id: RequestId = None, mode: str = "llm",
+                 flags: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`llm_response` with the whole answer; `flags` are AVA's top-level markers (`tool_result_final`, ...)."""
+    msg = {"type": "llm_response", "text": text, "call_id": call_id, "mode": mode, **(flags or {})}
+    return _with_ids(msg, request_id)
 
 
 def llm_token(delta: str, *, call_id: str, request_id: RequestId, tokens: int = 1) -> dict[str, Any]:
-    """`llm_token` (ext): one streamed piece of the answer (`tokens` model tokens, coalesced)."""
-    return {"type": "llm_token", "call_id": call_id, "request_id": request_id, "delta": delta, "tokens": tokens}
+    """`llm_token` (ext): one streamed piece of the answer (`tokens` model tokens, coalesced).
+
+    The text is in `token` (what AVA's client reads) and in `delta` (what this server documented first).
+    """
+    return {"type": "llm_token", "call_id": call_id, "request_id": request_id, "token": delta, "delta": delta,
+            "tokens": tokens}
+
+
+def llm_tool_response(
+    *,
+    call_id: str,
+    request_id: RequestId,
+    text: str,
+    tool_calls: list[dict[str, Any]],
+    tool_path: str,
+    structured_attempts: int = 0,
+    server_gated: bool = False,
+) -> dict[str, Any]:
+    """`llm_tool_response`: the tool calls found (`parameters`, as AVA reads them) and how they were found."""
+    msg: dict[str, Any] = {
+        "type": "llm_tool_response",
+        "call_id": call_id,
+        "text": text,
+        "tool_calls": tool_calls,
+        "finish_reason": "tool_calls" if tool_calls else "stop",
+        "tool_path": tool_path,
+        "tool_parse_failures": 0,
+        "repair_attempts": 0,
+        "structured_attempts": structured_attempts,
+        "protocol_version": PROTOCOL_VERSION,
+    }
+    if server_gated:
+        msg["server_gated"] = True
+    return _with_ids(msg, request_id)
 
 
 def tts_audio(

@@ -7,7 +7,6 @@ import hmac
 import itertools
 import json
 import os
-import platform
 import signal
 import ssl
 import time
@@ -24,7 +23,8 @@ from websockets.server import ServerProtocol
 from websockets.typing import Origin
 
 from . import protocol as P
-from .config import ServerConfig, cpu_count
+from . import reports
+from .config import ServerConfig
 from .errors import Busy, InvalidField, ServerError
 from .heap import malloc_trim
 from .metrics import Metrics
@@ -226,15 +226,6 @@ class VoiceServer:
         """Seconds since start."""
         return round(time.monotonic() - self.started, 1)
 
-    def _hardware(self) -> dict[str, Any]:
-        """What this process runs on; the installer's description (CPU model, GPU) when it left one."""
-        hw: dict[str, Any] = {"cpu_cores": cpu_count(), "arch": platform.machine(), "gpu": None,
-                              "llm_gpu_layers": self.cfg.llm.gpu_layers, "stt_device": self.cfg.stt.device}
-        installed = (self.cfg.expected or {}).get("hardware")
-        if isinstance(installed, dict):
-            hw |= {k: installed[k] for k in ("cpu_model", "ram_gb", "gpu") if k in installed}
-        return hw
-
     # ------------------------------------------------------------------ connections
 
     async def _handler(self, ws: ServerConnection) -> None:
@@ -320,14 +311,15 @@ class VoiceServer:
         elif isinstance(msg, P.Audio):
             self._enter(msg.call_id, msg.mode, session, runner)
             if msg.output_encoding is not None or msg.output_sample_rate_hz is not None:
-                session.output_encoding = msg.output_encoding or session.output_encoding
-                session.output_sample_rate_hz = msg.output_sample_rate_hz
+                session.output_encoding, session.output_sample_rate_hz, _fb = session.output_format(
+                    msg.output_encoding, msg.output_sample_rate_hz)
             data = msg.data_b64 or ""
             payload = (await self.engines.run_aux(msg.payload)) if len(data) > 64 * 1024 else msg.payload()
             runner.accept_audio(payload, msg.format, msg.rate, msg.request_id)
         elif isinstance(msg, P.LlmRequest):
             self._enter(msg.call_id, msg.mode, session, runner)
-            if not msg.text.strip():
+            if not msg.text.strip() and not msg.context:
+                # An empty text asks to answer the context as it stands (AVA, after a tool ran).
                 raise InvalidField("llm_request.text must not be empty", request_id=msg.request_id)
             runner.start_turn(msg.text, kind="llm_request", request_id=msg.request_id, speak=False,
                               stream_tokens=msg.stream, context=msg.context)
@@ -348,27 +340,33 @@ class VoiceServer:
                 enc, rate, _fell_back = session.output_format(msg.output_encoding, msg.output_sample_rate_hz)
                 session.output_encoding, session.output_sample_rate_hz = enc, rate
             runner.settings_changed()
+            enc, rate, _fb = session.output_format()  # what will be sent, never null (as AVA's server)
             out.send_control(P.mode_ready(
                 mode=session.mode, call_id=session.call_id,
                 segment_energy_threshold=session.segment_energy_threshold,
                 segment_silence_ms=session.segment_silence_ms,
-                output_encoding=session.output_encoding, output_sample_rate_hz=session.output_sample_rate_hz,
-                request_id=msg.request_id,
+                output_encoding=enc, output_sample_rate_hz=rate, request_id=msg.request_id,
             ))
         elif isinstance(msg, P.BargeIn):
-            cancelled = runner.cancel_all()
+            cancelled = runner.cancel_all(rollback=msg.rollback_assistant and msg.reason != "stop_session")
             if msg.reason == "stop_session":
                 # The call is over; the connection stays open for the next one.
                 runner.stop_speech()
                 session.reset_history()
                 session.call_id = "unknown"
             log.info("barge_in", session=session.id, call_id=msg.call_id or session.call_id, cancelled=cancelled,
-                     reason=msg.reason)
+                     reason=msg.reason, rollback=msg.rollback_assistant, history=len(session.history))
             out.send_control(P.barge_in_ack(call_id=msg.call_id or session.call_id, request_id=msg.request_id))
         elif isinstance(msg, P.Status):
-            out.send_control(self.status_response(msg.request_id))
+            out.send_control(reports.status_response(self.engines, self.cfg, sessions=len(self.runners),
+                                                     uptime_s=self.uptime(), request_id=msg.request_id))
         elif isinstance(msg, P.Capabilities):
-            out.send_control(self.capabilities_response(msg.request_id))
+            out.send_control(reports.capabilities_response(self.engines, msg.request_id))
+        elif isinstance(msg, P.Backends):
+            out.send_control(reports.backends_response(self.engines, msg.request_id))
+        elif isinstance(msg, P.BackendSchema):
+            out.send_control(reports.backend_schema_response(self.engines, msg.backend_type, msg.backend_name,
+                                                             msg.request_id))
         elif isinstance(msg, P.SwitchModel):
             if msg.scope == "session":
                 self._adopt(msg.call_id, session, runner)
@@ -386,7 +384,16 @@ class VoiceServer:
         elif isinstance(msg, P.Reload):
             self._admin(self._reload(msg, runner), msg, runner)
         elif isinstance(msg, P.ToolContext):
-            session.tool_context = dict(msg.payload)
+            self._adopt(msg.call_id, session, runner)
+            session.tools, session.allowed_tools, session.tool_policy = msg.tools, msg.allowed_tools, msg.tool_policy
+            log.info("tool_context", session=session.id, call_id=session.call_id, tools=len(msg.tools),
+                     allowed=list(msg.allowed_tools), policy=msg.tool_policy)
+        elif isinstance(msg, P.LlmToolRequest):
+            self._enter(msg.call_id, None, session, runner)
+            runner.start_tool_request(msg)
+        elif isinstance(msg, P.ToolResult):
+            self._enter(msg.call_id, None, session, runner)
+            runner.start_tool_result(msg)
 
     def _admin(self, coro: Any, msg: P.SwitchModel | P.Reload, runner: SessionRunner) -> None:
         """Run one model switch/reload at a time; a second one while one runs gets `busy`.
@@ -504,64 +511,6 @@ class VoiceServer:
             runner.out.send_control(P.reload_response("error", err.message, request_id=rid))
             err.request_id = rid
             runner.error(err)
-
-    # ------------------------------------------------------------------ status
-
-    def status_response(self, request_id: P.RequestId) -> dict[str, Any]:
-        """status_response: AVA fields plus our extensions."""
-        e = self.engines
-        missing = e.missing()
-        models = e.model_status()
-        models["llm"]["tool_capability"] = {"level": "none", "source": "local-ai-server"}
-        msg: dict[str, Any] = {
-            "type": "status_response",
-            "status": "warming_up" if e.warming else "ok",
-            "stt_backend": P.STT_BACKEND,
-            "tts_backend": P.TTS_BACKEND,
-            "models": models,
-            "config": {
-                "host": self.cfg.host,
-                "port": self.cfg.port,
-                "auth_required": self.cfg.auth_token is not None,
-                "models_dir": None,
-                "stt_idle_ms": self.cfg.stt.idle_ms,
-                "segment_silence_ms": self.cfg.stt.silence_ms,
-                "segment_energy_threshold": self.cfg.stt.energy_threshold,
-                "output_encoding": "mulaw",
-                "output_sample_rate_hz": 8000,
-                "llm_workers": self.cfg.llm.workers,
-                "llm_max_queue": self.cfg.llm.max_queue,
-                "degraded": bool(missing) and not e.warming,
-            },
-            "degraded": bool(missing) and not e.warming,
-            "missing": missing,
-            "tier": self.cfg.tier,
-            "hardware": self._hardware(),
-            "expected": self.cfg.expected,
-            "pool": e.pool.snapshot(),
-            "sessions": len(self.runners),
-            "uptime_s": self.uptime(),
-        }
-        if missing and not e.warming:
-            msg["hint"] = FETCH_HINT
-        if request_id is not None:
-            msg["request_id"] = request_id
-        return msg
-
-    def capabilities_response(self, request_id: P.RequestId) -> dict[str, Any]:
-        """capabilities_response naming the installed backends."""
-        e = self.engines
-        caps = {
-            "vosk": False, "sherpa": False, "kroko_embedded": False, "tone": False,
-            "faster_whisper": e.stt is not None, "whisper_cpp": False,
-            "piper": e.tts is not None, "kokoro": False, "melotts": False,
-            "silero": e.vad is not None, "llama": e.pool.state == "ready",
-            "streaming_llm": True, "barge_in": True, "partials": True, "tool_calling": False,
-        }
-        msg: dict[str, Any] = {"type": "capabilities_response", "capabilities": caps}
-        if request_id is not None:
-            msg["request_id"] = request_id
-        return msg
 
 
 async def _write(outbox: ConnectionOutbox) -> None:

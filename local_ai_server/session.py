@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from .audio import normalize_output_format
+from .tools import Tool
 
 DEFAULT_CALL_ID = "unknown"
+# Added to the system prompt for the turn after a barge-in that rolled the interrupted answer back (as
+# AVA's server does): the model must not pick the dropped answer up again.
+INTERRUPTED_NOTE = ("IMPORTANT: The caller interrupted the previous answer. Do not resume, repeat or continue it. "
+                    "Answer only what the caller has just said.")
 
 
 @dataclass
@@ -27,9 +31,12 @@ class Session:
     input_format: str = "pcm16le"
     authenticated: bool = False
     auth_failures: int = 0
-    # Bumped whenever the answer in flight is cancelled: audio stamped with an older value is dropped.
-    generation: int = 0
-    tool_context: dict[str, Any] | None = None
+    # The call's tools (tool_context): every tool declared, the names allowed, the policy.
+    tools: tuple[Tool, ...] = ()
+    allowed_tools: tuple[str, ...] = ()
+    tool_policy: str = "auto"
+    # A barge-in rolled an answer back: the next answer is told so (cleared once one is given).
+    interrupted: bool = False
     max_history_turns: int = 8
     # Bumped whenever the history is reset, so a turn that outlives the reset cannot write into it.
     history_epoch: int = 0
@@ -40,13 +47,24 @@ class Session:
             return False
         self.call_id = call_id
         self.reset_history()
-        self.tool_context = None
+        self.tools, self.allowed_tools, self.tool_policy = (), (), "auto"
         return True
 
     def reset_history(self) -> None:
         """Forget the conversation (new call, stop_session)."""
         self.history.clear()
         self.history_epoch += 1
+        self.interrupted = False
+
+    def rollback(self) -> bool:
+        """Forget the last exchange if it ends with an answer (barge-in with rollback_assistant)."""
+        self.interrupted = True
+        if not self.history or self.history[-1][0] != "assistant":
+            return False
+        self.history.pop()
+        if self.history and self.history[-1][0] == "user":
+            self.history.pop()
+        return True
 
     def output_format(self, encoding: str | None = None, rate: int | None = None) -> tuple[str, int, bool]:
         """Effective output (encoding, rate, fell_back): request values first, then session defaults."""
@@ -64,10 +82,14 @@ class Session:
     ) -> list[tuple[str, str]]:
         """The chat to send to the LLM: system prompt, history (or the request's context), the new text."""
         prompt = self.system_prompt or default_prompt
+        if self.interrupted:
+            prompt = f"{prompt}\n{INTERRUPTED_NOTE}"
         convo = list(context) if context is not None else list(self.history)
+        # An empty text (AVA after a tool ran) asks for an answer to the context as it stands.
+        new = [("user", user_text)] if user_text.strip() else []
         if convo and convo[0][0] == "system":
-            return [*convo, ("user", user_text)]
-        return [("system", prompt), *convo, ("user", user_text)]
+            return [*convo, *new]
+        return [("system", prompt), *convo, *new]
 
     def add_turn(self, user_text: str, answer: str, epoch: int | None = None) -> None:
         """Remember one exchange (dropped if the history was reset since `epoch`), keeping the latest turns."""
@@ -82,8 +104,3 @@ class Session:
         # Never start with an answer whose question was trimmed away.
         while self.history and self.history[0][0] != "user":
             del self.history[0]
-
-    def cancel_generation(self) -> int:
-        """Invalidate the answer in flight; returns the new generation number."""
-        self.generation += 1
-        return self.generation

@@ -391,20 +391,25 @@ def test_barge_in() -> None:
     assert parse_error({"type": "barge_in", "reason": 1}).code == "invalid_field"
 
 
-def test_tool_context_keeps_whole_payload() -> None:
-    obj = {"type": "tool_context", "call_id": "c", "tools": [{"name": "transfer"}], "extra": {"a": 1}}
+def test_tool_context_keeps_tools_names_and_policy() -> None:
+    obj = {"type": "tool_context", "call_id": "c", "tools": [{"name": "transfer"}], "extra": {"a": 1},
+           "allowed_tools": ["transfer"], "tool_policy": " Strict "}
     msg = parse(obj)
-    assert msg == ToolContext(payload=obj, call_id="c")
+    assert isinstance(msg, ToolContext) and msg.call_id == "c" and msg.tool_policy == "strict"
+    assert [t.name for t in msg.tools] == ["transfer"] and msg.allowed_tools == ("transfer",)
 
 
 def test_every_message_type_is_parsed() -> None:
     minimal: dict[str, dict[str, Any]] = {
         "auth": {"token": "t"}, "audio": {"data": ""}, "llm_request": {"text": "x"}, "tts_request": {"text": "x"},
+        "llm_tool_request": {"text": "x"}, "tool_result": {"tool_name": "t"},
     }
     expected: dict[str, type] = {
         "auth": Auth, "set_mode": SetMode, "audio": Audio, "llm_request": LlmRequest, "tts_request": TtsRequest,
         "switch_model": SwitchModel, "reload_models": Reload, "reload_llm": Reload, "status": Status,
         "capabilities": Capabilities, "barge_in": BargeIn, "tool_context": ToolContext,
+        "llm_tool_request": P.LlmToolRequest, "tool_result": P.ToolResult, "backends": P.Backends,
+        "backend_schema": P.BackendSchema,
     }
     assert set(MESSAGE_TYPES) == set(expected)
     for mtype in MESSAGE_TYPES:
@@ -577,7 +582,8 @@ def test_parse_text_only_raises_server_errors(text: str) -> None:
             assert "/" not in err.message
     else:
         assert isinstance(msg, (Auth, SetMode, Audio, LlmRequest, TtsRequest, SwitchModel, Reload, Status,
-                                Capabilities, BargeIn, ToolContext))
+                                Capabilities, BargeIn, ToolContext, P.LlmToolRequest, P.ToolResult, P.Backends,
+                                P.BackendSchema))
 
 
 # ---------------------------------------------------------------- server message builders
@@ -619,8 +625,47 @@ def test_llm_response_and_token() -> None:
         "type": "llm_response", "text": "Hi.", "call_id": "c", "mode": "llm", "request_id": 3}
     assert "request_id" not in P.llm_response("Hi.", call_id="c")
     assert P.llm_token(" wor", call_id="c", request_id="r") == {
-        "type": "llm_token", "call_id": "c", "request_id": "r", "delta": " wor", "tokens": 1}
+        "type": "llm_token", "call_id": "c", "request_id": "r", "token": " wor", "delta": " wor", "tokens": 1}
     assert P.llm_token(" world and", call_id="c", request_id="r", tokens=3)["tokens"] == 3
+    flagged = P.llm_response("Bye.", call_id="c", request_id="t", mode="tool_result",
+                             flags={"tool_result_final": True, "tool_gateway_done": True, "tool_path": "none"})
+    assert flagged["mode"] == "tool_result" and flagged["tool_result_final"] is True and flagged["request_id"] == "t"
+
+
+def test_llm_tool_response_names_parameters_and_path() -> None:
+    msg = P.llm_tool_response(call_id="c", request_id="g", text="Bye.", tool_path="heuristic",
+                              tool_calls=[{"name": "hangup_call", "parameters": {"farewell_message": "Bye."}}])
+    assert msg["finish_reason"] == "tool_calls" and msg["protocol_version"] == 2 and "server_gated" not in msg
+    gated = P.llm_tool_response(call_id="c", request_id=None, text="", tool_calls=[], tool_path="none",
+                                server_gated=True)
+    assert gated["finish_reason"] == "stop" and gated["server_gated"] is True and "request_id" not in gated
+
+
+def test_barge_in_rollback_and_reason_normalised() -> None:
+    msg = parse({"type": "barge_in", "rollback_assistant": True, "reason": " Stop_Session "})
+    assert isinstance(msg, BargeIn) and msg.rollback_assistant and msg.reason == "stop_session"
+
+
+def test_llm_request_empty_text_is_parsed_for_tool_continuations() -> None:
+    msg = parse({"type": "llm_request", "text": "", "context": {"prior_messages": [
+        {"role": "user", "content": "When do you open?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "1", "type": "function", "function": {"name": "get_hours", "arguments": "{}"}}]},
+        {"role": "tool", "content": "9 to 5", "tool_call_id": "1"}]}})
+    assert isinstance(msg, LlmRequest) and msg.text == ""
+    assert msg.context == (("user", "When do you open?"), ("assistant", "(I used the tool get_hours.)"),
+                           ("user", "(The tool returned: 9 to 5)"))
+
+
+def test_tool_result_and_backend_schema() -> None:
+    msg = parse({"type": "tool_result", "tool_name": "hangup_call", "result": {"farewell_message": "Bye"},
+                 "is_error": False, "request_id": "t", "output_encoding": "mulaw", "output_sample_rate_hz": 8000})
+    assert isinstance(msg, P.ToolResult) and msg.tool_name == "hangup_call"
+    assert msg.result == {"farewell_message": "Bye"}
+    with pytest.raises(PayloadTooLarge):
+        parse({"type": "tool_result", "tool_name": "x", "result": "y" * 70000})
+    schema = parse({"type": "backend_schema", "backend_type": " STT ", "backend_name": "/etc/passwd"})
+    assert isinstance(schema, P.BackendSchema) and schema.backend_type == "stt" and schema.backend_name == "etcpasswd"
 
 
 def test_mode_ready_keeps_nulls() -> None:

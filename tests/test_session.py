@@ -12,23 +12,23 @@ DEFAULT_PROMPT = "default prompt"
 def test_new_session_defaults() -> None:
     s = Session(id=1)
     assert s.call_id == DEFAULT_CALL_ID == "unknown"
-    assert s.history == [] and s.generation == 0 and s.max_history_turns == 8
+    assert s.history == [] and s.max_history_turns == 8
 
 
 def test_new_call_id_resets_history_and_tool_context() -> None:
     s = Session(id=1, call_id="a")
     s.add_turn("hi", "hello")
-    s.tool_context = {"tools": []}
+    s.allowed_tools, s.tool_policy = ("hangup_call",), "strict"
     assert s.adopt_call_id("b") is True
-    assert s.call_id == "b" and s.history == [] and s.tool_context is None
+    assert s.call_id == "b" and s.history == [] and s.allowed_tools == () and s.tool_policy == "auto"
 
 
 def test_same_call_id_keeps_history() -> None:
     s = Session(id=1, call_id="a")
     s.add_turn("hi", "hello")
-    s.tool_context = {"tools": []}
+    s.allowed_tools, s.tool_policy = ("hangup_call",), "strict"
     assert s.adopt_call_id("a") is False
-    assert s.history == [("user", "hi"), ("assistant", "hello")] and s.tool_context == {"tools": []}
+    assert s.history == [("user", "hi"), ("assistant", "hello")] and s.allowed_tools == ("hangup_call",)
 
 
 @pytest.mark.parametrize("call_id", [None, ""])
@@ -113,14 +113,6 @@ def test_add_turn_trim_never_leaves_orphan_assistant() -> None:
     assert s.history[0][0] == "user"
 
 
-def test_cancel_generation_bumps() -> None:
-    s = Session(id=1)
-    assert s.cancel_generation() == 1 and s.cancel_generation() == 2 and s.generation == 2
-
-
-# ---------------------------------------------------------------- output format precedence
-
-
 def test_output_format_default_is_mulaw_8000() -> None:
     assert Session(id=1).output_format() == ("mulaw", 8000, False)
 
@@ -195,3 +187,29 @@ def test_add_turn_from_before_a_reset_is_dropped() -> None:
     assert s.history == []
     s.add_turn("new question", "new answer", s.history_epoch)
     assert s.history == [("user", "new question"), ("assistant", "new answer")]
+
+
+# ---------------------------------------------------------------- rollback after a barge-in
+
+
+def test_rollback_forgets_the_last_exchange_and_marks_the_interruption() -> None:
+    s = Session(id=1)
+    s.add_turn("q1", "a1")
+    s.add_turn("q2", "a2")
+    assert s.rollback() and s.history == [("user", "q1"), ("assistant", "a1")]
+    prompt = s.messages_for("q3", "be brief")[0][1]
+    assert prompt.startswith("be brief") and "interrupted" in prompt
+    s.reset_history()
+    assert not s.interrupted and not s.rollback() and s.interrupted
+
+
+def test_rollback_leaves_a_history_that_does_not_end_with_an_answer() -> None:
+    s = Session(id=1)
+    s.add_turn("q1", "")  # the answer was cut before any text
+    assert not s.rollback() and s.history == [("user", "q1")]
+
+
+def test_an_empty_text_answers_the_context_as_it_stands() -> None:
+    s = Session(id=1)
+    msgs = s.messages_for("", "sys", (("user", "hours?"), ("user", "(The tool returned: 9 to 5)")))
+    assert msgs == [("system", "sys"), ("user", "hours?"), ("user", "(The tool returned: 9 to 5)")]

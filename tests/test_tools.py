@@ -455,7 +455,8 @@ def test_parse_tool_calls_many_calls_are_capped() -> None:
     "thank you", "Thank you!", "Thanks.", "no thanks", "No, thank you.", "That's all.", "thats all", "that is all",
     "Nothing else, really.", "end call", "Please end the call.", "hang up", "You can hang up now.", "hangup",
     "Goodbye", "good bye", "Bye!", "bye-bye", "OK bye", "Have a good day.", "have a great day", "Take care.",
-    "Talk to you later!", "no transcript", "Thanks, I would like nothing else.", "I can't hear you, goodbye.", "Don't worry about it. Goodbye!",
+    "Talk to you later!", "no transcript",
+    "Thanks, I would like nothing else.", "I can't hear you, goodbye.", "Don't worry about it. Goodbye!",
     "How do I hang up?", "Can you hang up for me?", "THANKS A LOT", "Okay, that\u2019s all.",
     "I don't need anything else, thanks.", "I said hi. Bye.",
 ])

@@ -75,6 +75,23 @@ class ConnectionOutbox:
             self._data.append((text, payload, turn))
             self._wake.set()
 
+    def discard_speech(self) -> int:
+        """Drop queued audio, and everything of voice turns, even of answers already complete (barge-in).
+
+        Replies owed to a request (an llm_response, a tts_response) stay: each request gets its answer.
+        """
+        kept: collections.deque[tuple[str, bytes | None, Turn | None]] = collections.deque()
+        dropped = 0
+        for item in self._data:
+            text, payload, turn = item
+            if turn is not None and (payload is not None or turn.kind == "voice"):
+                self.queued_bytes -= len(text) + len(payload or b"") + ITEM_OVERHEAD
+                dropped += 1
+            else:
+                kept.append(item)
+        self._data = kept
+        return dropped
+
     def _admit(self, size: int) -> bool:
         """Count a message in, or close the connection if the client is not reading it."""
         if self.overflowed:

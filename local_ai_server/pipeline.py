@@ -60,6 +60,9 @@ class Outbox(Protocol):
     def send_audio(self, header: dict[str, Any], payload: bytes, turn: Turn) -> None:
         """A tts_audio header and its binary frame, sent back to back."""
 
+    def discard_speech(self) -> int:
+        """Drop queued audio and voice-turn data, keeping replies owed to requests; returns how many."""
+
 
 @dataclass(eq=False)
 class Turn:
@@ -854,6 +857,9 @@ class SessionRunner:
             turn.cancel()
             self._report_cancelled(turn)
             n += 1
+        # An answer already complete may still wait in the outbox for a slow reader: none of its audio may
+        # follow the ack either.
+        self.out.discard_speech()
         if rollback:
             if cut_answer:
                 self.session.interrupted = True

@@ -104,8 +104,10 @@ def parse_tools(raw: Any, field: str = "tools") -> tuple[Tool, ...]:
     total = 0
     for i, item in enumerate(raw):
         where = f"{field}[{i}]"
+        if isinstance(item, str):
+            item = {"name": item}  # a bare name: a tool without a description or arguments
         if not isinstance(item, dict):
-            raise ToolError(f"{where} must be an object")
+            raise ToolError(f"{where} must be an object or a tool name")
         spec = item
         if isinstance(item.get("function"), dict) and "name" not in item:
             # OpenAI's form: {"type": "function", "function": {name, description, parameters}}.

@@ -122,3 +122,28 @@ async def test_one_message_bigger_than_the_budget_still_goes_out() -> None:
     assert ws.closed is None and ws.frames[0]["type"] == "tts_response"
     assert out.queued_bytes == 0
     writer.cancel()
+
+
+async def test_a_barge_in_drops_queued_speech_of_finished_answers_but_keeps_owed_replies() -> None:
+    ws = FakeWs()
+    out = ConnectionOutbox(ws, max_items=100, owner=TaskOwner("test"))
+    voice = Turn(id=1, kind="voice", request_id=None)
+    tool = Turn(id=2, kind="tool_result", request_id="t")
+    tts = Turn(id=3, kind="tts_request", request_id="s")
+    ws.gate.clear()
+    writer = asyncio.ensure_future(out.run())
+    out.send_data({"type": "first"})
+    await asyncio.sleep(0.01)  # blocked: the client is slow to read
+    out.send_audio({"type": "tts_audio"}, b"\x01" * 10, voice)
+    out.send_data({"type": "llm_response", "of": "voice"}, voice)
+    out.send_audio({"type": "tts_audio"}, b"\x02" * 10, tool)
+    out.send_data({"type": "llm_response", "of": "tool"}, tool)
+    out.send_data({"type": "tts_response"}, tts)
+    assert out.discard_speech() == 3
+    ws.gate.set()
+    await _drain(ws, 3)
+    await asyncio.sleep(0.02)
+    assert [(f["type"], f.get("of")) for f in ws.frames] == [("first", None), ("llm_response", "tool"),
+                                                            ("tts_response", None)]
+    assert out.queued_bytes == 0
+    writer.cancel()

@@ -163,11 +163,18 @@ def test_parse_tools_not_a_list(raw: Any) -> None:
     assert not err.too_large
 
 
-@pytest.mark.parametrize("item", ["hangup_call", None, 3, ["x"]])
+@pytest.mark.parametrize("item", [None, 3, ["x"]])
 def test_parse_tools_item_not_an_object(item: Any) -> None:
     err = tool_error([{"name": "x"}, item])
-    assert str(err) == "tools[1] must be an object"
+    assert str(err) == "tools[1] must be an object or a tool name"
     assert not err.too_large
+
+
+def test_parse_tools_takes_a_bare_name_as_a_tool_without_arguments() -> None:
+    (tool,) = parse_tools(["hangup_call"])
+    assert tool.name == "hangup_call" and tool.description == ""
+    assert tool.parameters == {"type": "object", "properties": {}}
+    assert "must be" in str(tool_error(["not a name!"]))
 
 
 def test_parse_tools_count_cap() -> None:

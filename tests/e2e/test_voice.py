@@ -95,7 +95,8 @@ async def test_full_mode_turn(client_factory: Callable[..., Any], speak: Callabl
     if encoding:
         msg.update(output_encoding=encoding, output_sample_rate_hz=rate)
     ready = await c.request(msg, "mode_ready")
-    assert ready["output_encoding"] == encoding and ready["output_sample_rate_hz"] == rate
+    # The format in effect, never null: mulaw/8000 unless the client asked for another.
+    assert ready["output_encoding"] == (encoding or "mulaw") and ready["output_sample_rate_hz"] == (rate or 8000)
     question = "What is the capital of France?"
     await c.stream(np.concatenate([silence(0.3), speak(question), silence(1.0)]), frame_ms=40, as_json=True,
                    extra={"call_id": f"full-{encoding}"})

@@ -543,12 +543,17 @@ class SessionRunner:
         turn = Turn(id=next(_turn_ids), kind=kind, request_id=request_id, timings=dict(timings or {}), held=held,
                     **(mark or {}))
         turn.timings.setdefault("start", time.monotonic())
-        turn.task = self._spawn(self._run_turn(turn, text, speak, stream_tokens, context, answer, remember),
-                                lambda exc: self._turn_error(turn, _as_server_error(exc, "the answer")))
-        self.turns.add(turn)
-        turn.task.add_done_callback(lambda _t: self.turns.discard(turn))
+        self._run(turn, self._run_turn(turn, text, speak, stream_tokens, context, answer, remember),
+                  lambda exc: self._turn_error(turn, _as_server_error(exc, "the answer")))
         if kind == "voice" and not held:
             self.voice_turn = turn
+        return turn
+
+    def _run(self, turn: Turn, coro: Any, on_error: ErrorHandler) -> Turn:
+        """Run a turn's work as a task of this session; the turn is in flight until that task ends."""
+        turn.task = self._spawn(coro, on_error)
+        self.turns.add(turn)
+        turn.task.add_done_callback(lambda _t: self.turns.discard(turn))
         return turn
 
     def _turn_error(self, turn: Turn, err: ServerError) -> None:
@@ -738,11 +743,8 @@ class SessionRunner:
         """llm_tool_request: find the tool calls of an answer; answered by llm_tool_response."""
         self._check_inflight(req.request_id)
         turn = Turn(id=next(_turn_ids), kind="llm_tool_request", request_id=req.request_id)
-        turn.task = self._spawn(self._tool_request(turn, req),
-                                lambda exc: self._turn_error(turn, _as_server_error(exc, "the tool search")))
-        self.turns.add(turn)
-        turn.task.add_done_callback(lambda _t: self.turns.discard(turn))
-        return turn
+        return self._run(turn, self._tool_request(turn, req),
+                         lambda exc: self._turn_error(turn, _as_server_error(exc, "the tool search")))
 
     async def _tool_request(self, turn: Turn, req: P.LlmToolRequest) -> None:
         s = self.session
@@ -756,7 +758,8 @@ class SessionRunner:
                 tools=usable, policy=req.tool_policy or s.tool_policy, choice=req.tool_choice,
                 messages=s.messages_for(question, self.engines.default_prompt))
         except ServerError as err:
-            self._turn_error(turn, err)
+            if err.code != "cancelled":  # answered by the cancel itself
+                self._turn_error(turn, err)
             return
         log.info("tool_request.done", session=s.id, call_id=s.call_id, tools=[c.name for c in found.calls],
                  tool_path=found.path)
@@ -793,10 +796,7 @@ class SessionRunner:
         """Answer a tts_request in the background; a barge-in cancels it like an answer."""
         self._check_inflight(req.request_id)
         turn = Turn(id=next(_turn_ids), kind="tts_request", request_id=req.request_id)
-        turn.task = self._spawn(self._tts_request(turn, req), lambda exc: self._tts_failed(turn, req, exc))
-        self.turns.add(turn)
-        turn.task.add_done_callback(lambda _t: self.turns.discard(turn))
-        return turn
+        return self._run(turn, self._tts_request(turn, req), lambda exc: self._tts_failed(turn, req, exc))
 
     async def _tts_request(self, turn: Turn, req: P.TtsRequest) -> None:
         """Synthesize a whole text and answer with one tts_response."""

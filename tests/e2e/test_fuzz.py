@@ -85,13 +85,8 @@ messages = st.one_of(
 
 def _is_heavy_admin(frame: str | bytes) -> bool:
     """Reloads spawn model workers: legal, but too slow to repeat hundreds of times here."""
-    if isinstance(frame, bytes):
-        return False
-    try:
-        obj = json.loads(frame)
-    except ValueError:
-        return False
-    return isinstance(obj, dict) and isinstance(obj.get("type"), str) and "reload" in obj["type"].lower()
+    obj = _typed_object(frame)
+    return obj is not None and "reload" in obj["type"].lower()
 
 
 def _check_reply(frame: str | bytes, previous: Any) -> None:

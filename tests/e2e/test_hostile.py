@@ -169,6 +169,7 @@ async def test_a_client_flooding_status_without_reading_is_closed_with_memory_bo
     grown_mb = (rss_kb(pid) - before) / 1024
     slow.transport.abort()
     assert "connection.send_queue_overflow" in hostile_server.logs()
+    print(f"status flood: sent {sent / 1e6:.2f} MB, server RSS +{grown_mb:.1f} MB")
     assert grown_mb < 40, f"server grew {grown_mb:.1f} MB for a client that sent {sent / 1e6:.1f} MB"
     await _others_still_served(hostile_server)
 
@@ -195,6 +196,7 @@ async def test_a_ping_flood_from_a_client_that_never_reads_is_dropped(hostile_se
     grown_mb = (rss_kb(pid) - before) / 1024
     slow.transport.abort()
     assert "connection.not_reading" in hostile_server.logs(), f"sent {sent / 1e6:.1f} MB of pings"
+    print(f"ping flood: sent {sent / 1e6:.2f} MB, server RSS +{grown_mb:.1f} MB")
     assert grown_mb < BUDGET / 2**20 + 30, f"server grew {grown_mb:.1f} MB"
     await _others_still_served(hostile_server)
 

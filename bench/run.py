@@ -98,7 +98,7 @@ TTS_SENTENCES = [
 ]
 
 # A long generation on demand (as in tests/e2e/test_concurrency.py): SmolLM2 counts for as long as allowed.
-LONG_PROMPT = "Count from 1 to 600, writing every number, separated by commas."
+LONG_PROMPT = "Repeat the word hello 500 times."
 LONG_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 LONG_CONTEXT = [{"role": "system", "content": LONG_SYSTEM}]
 LONG_ENV = {"LOCAL_LLM_MAX_TOKENS": "1500", "LOCAL_LLM_CONTEXT": "4096", "LOCAL_LLM_TEMPERATURE": "0",

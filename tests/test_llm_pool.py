@@ -34,7 +34,7 @@ SHORT = [("user", "Say hello.")]
 SHORT_SAMPLING = SamplingParams(max_tokens=12, temperature=0.0, top_p=0.9, repeat_penalty=1.0)
 LONG = [
     ("system", "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
-    ("user", "Count from 1 to 600, writing every number, separated by commas."),
+    ("user", "Repeat the word hello 500 times."),
 ]
 LONG_SAMPLING = SamplingParams(max_tokens=1500, temperature=0.0, top_p=0.9, repeat_penalty=1.0)
 # Safety bound for anything we wait on; generous because the machine may be shared. Never a timing assertion.

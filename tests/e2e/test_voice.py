@@ -161,11 +161,14 @@ def answer_events(server: ServerProc, call_id: str) -> list[dict[str, Any]]:
 async def test_answer_starts_at_the_pause_and_speaks_after_the_final(
         client_factory: Callable[..., Any], server: ServerProc, speak: Callable[[str], np.ndarray]) -> None:
     """The answer is generated from the speculative final during the end-of-utterance window, but nothing
-    of it reaches the caller before the stt final: order stays stt final -> audio -> llm_response."""
+    of it reaches the caller before the stt final: order stays stt final -> audio -> llm_response. The
+    end-of-utterance silence is 1100 ms, so the early transcription (started 200 ms into it) is in before the
+    final however slow or busy the CPU."""
     confirmed = server.metric("las_speculative_turns_total", 'outcome="confirmed"')
     c = await client_factory()
-    await c.request({"type": "set_mode", "mode": "full", "call_id": "spec-1"}, "mode_ready")
-    await c.stream(np.concatenate([silence(0.3), speak("What is the capital of France?"), silence(1.2)]),
+    await c.request({"type": "set_mode", "mode": "full", "call_id": "spec-1", "segment_silence_ms": 1100},
+                    "mode_ready")
+    await c.stream(np.concatenate([silence(0.3), speak("What is the capital of France?"), silence(1.6)]),
                    frame_ms=20)
     response = await c.wait_type("llm_response", timeout=60)
     assert response["text"].strip()

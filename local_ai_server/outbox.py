@@ -12,7 +12,7 @@ from . import protocol as P
 from .tasks import TaskOwner
 
 if TYPE_CHECKING:
-    from .pipeline import Turn
+    from .voice.turn import Turn
 
 log = structlog.get_logger(__name__)
 

@@ -17,10 +17,11 @@ from .config import ServerConfig
 from .engines.llm import LlmParams, SamplingParams
 from .engines.stt import Transcript, WhisperStt
 from .engines.tts import PiperTts
+from .engines.vad import SileroVad
 from .errors import InvalidField, ModelLoadError, NotReady, describe
 from .llm_pool import LlmPool
 from .metrics import Metrics
-from .vad import SileroVad
+from .vad import VadStream
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -210,7 +211,70 @@ class Engines:
             return
         await self.pool.load(path)
 
+    async def switch_models(self, *, stt: str | None = None, llm: str | None = None, tts: str | None = None,
+                            system_prompt: str | None = None, dry_run: bool = False) -> tuple[str, str, list[str]]:
+        """A global model switch: validate every path, then load each changed model off the loop.
+
+        Returns (status, message, changed); raises InvalidField or ModelLoadError.
+        """
+        plan: list[tuple[str, Path]] = []
+        for kind, raw in (("stt", stt), ("llm", llm), ("tts", tts)):
+            if raw is None:
+                continue
+            path = self.resolve_model_path(raw)
+            current = {"stt": self.stt_state.path, "llm": self.pool.model_path, "tts": self.tts_state.path}[kind]
+            if not await self.model_file_exists(path):
+                raise InvalidField(f"{kind} model path does not exist")
+            if current is not None and path == current.resolve():
+                continue
+            plan.append((kind, path))
+        changed = [f"{k}_model_path" for k, _ in plan]
+        if system_prompt is not None and system_prompt != self.default_prompt:
+            # Applied even with dry_run: AVA's engine sends its prompt as a dry-run global switch.
+            self.default_prompt = system_prompt or self.cfg.llm.system_prompt
+            changed.insert(0, "system_prompt")
+        if not changed:
+            return "no_change", "already in use", []
+        if dry_run:
+            return "success", "dry run: " + ", ".join(changed) if plan else "system prompt updated", changed
+        for kind, path in plan:
+            await {"stt": self.switch_stt, "tts": self.switch_tts, "llm": self.switch_llm}[kind](path)
+        log.info("switch_model.done", changed=changed)
+        return "success", "switched " + ", ".join(changed), changed
+
+    async def reload(self, what: str, model_path: str | None = None) -> str:
+        """Reload the LLM (from its path or `model_path`) or every model; returns what was done."""
+        if what == "llm" or model_path:
+            path = self.resolve_model_path(model_path) if model_path else self.pool.model_path
+            if path is None:
+                raise InvalidField("no LLM model configured to reload")
+            if model_path and not await self.model_file_exists(path):
+                raise InvalidField("llm model path does not exist")
+            await self.switch_llm(path)
+            return f"LLM reloaded ({path.name})"
+        if self.stt_state.path is not None:
+            await self.switch_stt(self.stt_state.path)
+        if self.tts_state.path is not None:
+            await self.switch_tts(self.tts_state.path)
+        if self.pool.model_path is not None:
+            await self.switch_llm(self.pool.model_path)
+        return "models reloaded"
+
     # ------------------------------------------------------------------ work
+
+    def stt_available(self) -> bool:
+        """Whether audio can be segmented: a VAD, and an STT model loaded or loading."""
+        return self.vad is not None and self.stt_state.state not in ("missing", "failed")
+
+    def stt_loaded(self) -> bool:
+        """Whether a transcription can start now."""
+        return self.stt is not None
+
+    def vad_stream(self) -> VadStream:
+        """Fresh voice-activity state for one audio stream."""
+        if self.vad is None:
+            raise NotReady(self.vad_state.error or "VAD is not ready")
+        return self.vad.stream()
 
     async def transcribe(self, audio: np.ndarray, kind: str = "final") -> Transcript:
         """Transcribe on the STT threads; raises NotReady when no STT model is loaded."""

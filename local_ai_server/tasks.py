@@ -88,3 +88,10 @@ class TaskOwner:
             _done, pending = await asyncio.wait(tasks, timeout=timeout)
             if pending:
                 log.warning("tasks.not_stopped", owner=self.name, pending=len(pending))
+
+    async def __aenter__(self) -> TaskOwner:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        # Leaving the block ends every task started in it: nothing outlives its scope.
+        await self.aclose()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from local_ai_server.audio import resample
+from local_ai_server.engines.vad import SileroVad
 from local_ai_server.vad import (
     SAMPLE_RATE,
     WINDOW,
@@ -15,7 +16,6 @@ from local_ai_server.vad import (
     Event,
     Segmenter,
     SegmenterSettings,
-    SileroVad,
     UtteranceEnd,
     UtteranceStart,
 )

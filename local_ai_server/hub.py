@@ -1,0 +1,44 @@
+"""What every front shares: the config, the engines, the metrics, the server's own tasks and its calls."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from .config import ServerConfig
+from .errors import Busy, RequestId
+from .metrics import Metrics
+from .runtime import Engines
+from .tasks import ErrorHandler, TaskOwner
+
+
+class Hub:
+    """The server-wide state a connection's front may read or ask for."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.engines = Engines(cfg, self.metrics)
+        # The server's own background work (model loading, probes of itself, model switches).
+        self.tasks = TaskOwner("server")
+        self.calls = 0  # connections open now
+        self.started = time.monotonic()
+        self._admin_task: asyncio.Task[Any] | None = None
+
+    def uptime(self) -> float:
+        """Seconds since start."""
+        return round(time.monotonic() - self.started, 1)
+
+    def admin(self, coro: Coroutine[Any, Any, None], name: str, request_id: RequestId,
+              on_error: ErrorHandler) -> None:
+        """Run one model switch/reload at a time; a second one while one runs gets `busy`.
+
+        The server owns the task (a model load outlives the connection that asked for it); a failure
+        nobody foresaw still reaches `on_error`, so the requester gets its one answer.
+        """
+        if self._admin_task is not None and not self._admin_task.done():
+            coro.close()
+            raise Busy("a model switch or reload is already in progress", request_id=request_id)
+        self._admin_task = self.tasks.spawn(coro, name=name, on_error=on_error)

@@ -45,6 +45,9 @@ class TaskOwner:
         task = asyncio.get_running_loop().create_task(self._guard(coro, handler), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        # A task cancelled before it first ran never started `coro`: close it, or Python warns it was never
+        # awaited (closing a finished coroutine does nothing).
+        task.add_done_callback(lambda t: coro.close() if t.cancelled() else None)
         return task
 
     def _done(self, task: asyncio.Task[Any]) -> None:

@@ -7,8 +7,8 @@ import json
 from typing import Any
 
 from local_ai_server.outbox import ConnectionOutbox
-from local_ai_server.pipeline import Turn
 from local_ai_server.tasks import TaskOwner
+from local_ai_server.voice.turn import Turn
 
 
 class FakeWs:

@@ -89,7 +89,9 @@ async def _run_turn(
     from local_ai_server.engines.stt import WhisperStt
     from local_ai_server.engines.tts import PiperTts
     from local_ai_server.llm_pool import LlmPool
-    from local_ai_server.text import SentenceSplitter
+    from local_ai_server.session import Session
+    from local_ai_server.tasks import TaskOwner
+    from local_ai_server.voice.turn import Turn, Voice, run_answer
 
     prompt = system_prompt or DEFAULT_SYSTEM_PROMPT
     # The server warms every model and prefills the system prompt at start-up; so does this.
@@ -106,49 +108,39 @@ async def _run_turn(
         speeches = [resample(tts.synthesize_all(q), tts.sample_rate, 16000) for q in QUESTIONS]
         # temperature 0: the same answer, so the same work, every repeat.
         sampling = SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0, top_p=1.0, repeat_penalty=1.0)
+        encoding, rate, _fb = Session(id=0).output_format()
         runs: list[TurnResult] = []
         for n in range(max(1, repeats)):
             question, speech = QUESTIONS[n % len(QUESTIONS)], speeches[n % len(speeches)]
-            t0 = time.perf_counter()
+            t0 = time.monotonic()
             transcript = (await asyncio.to_thread(stt.transcribe, speech)).text
-            t_stt = time.perf_counter()
-            splitter = SentenceSplitter(first_clause_chars=20)
-            first_sentence: str | None = None
-            t_first_token = t_first_sentence = None
-            pieces: list[str] = []
-            job = pool.submit([("system", prompt), ("user", transcript or question)], sampling)
-            async for delta in job.stream():
-                now = time.perf_counter()
-                t_first_token = t_first_token or now
-                pieces.append(delta)
-                if first_sentence is None:
-                    done = splitter.push(delta)
-                    if done:
-                        first_sentence, t_first_sentence = done[0], now
-            t_llm = time.perf_counter()
-            tokens = job.tokens
-            answer = "".join(pieces).strip()
-            if first_sentence is None:
-                rest = splitter.flush()
-                first_sentence, t_first_sentence = (rest[0] if rest else answer), t_llm
-            t_tts0 = time.perf_counter()
-            tts_audio = await asyncio.to_thread(_first_chunk, tts, first_sentence or "Okay.")
-            tts_ms = (time.perf_counter() - t_tts0) * 1000
-            if tts_audio is None or tts_audio.size == 0:
-                raise RuntimeError("the TTS produced no audio for the first sentence")
-            if t_first_token is None or t_first_sentence is None:
+            t_stt = time.monotonic()
+            # The server's own turn (voice/turn.py): tokens -> sentences -> speech, timed by what it emits.
+            engines, sink = _Engines(pool, tts), _Stopwatch()
+            turn = Turn(kind="voice", request_id=None)
+            async with TaskOwner("verify") as tasks:
+                voice = Voice(engines, sink, encoding, rate, lambda coro: tasks.spawn(coro),  # type: ignore[arg-type]
+                              sink.failed)
+                job = pool.submit([("system", prompt), ("user", transcript or question)], sampling)
+                answer = await run_answer(turn, job, voice, stream_tokens=False, sink=sink)
+            if sink.errors:
+                raise RuntimeError(f"the turn failed: {sink.errors[0]}")
+            t_first_token, t_first_audio = turn.timings.get("llm_first_token"), sink.first_speech_at
+            if t_first_token is None:
                 raise RuntimeError("the LLM produced no answer")
+            if t_first_audio is None or engines.first_tts_ms is None:
+                raise RuntimeError("the TTS produced no audio for the answer")
             stt_ms = (t_stt - t0) * 1000
             ttft_ms = (t_first_token - t_stt) * 1000
+            first_audio_ms = (t_first_audio - t0) * 1000
+            tts_ms = engines.first_tts_ms
             # The worker's own clock: tokens after the first, over the time they took.
             decode = float(job.stats.get("decode_tok_s") or 0.0)
-            decode_s = t_llm - t_first_token
-            first_sentence_ms = (t_first_sentence - t_first_token) * 1000
+            decode_s = float(job.stats.get("decode_s") or 0.0)
             runs.append(TurnResult(
                 transcript=transcript, answer=answer, stt_ms=stt_ms, ttft_ms=ttft_ms,
-                first_sentence_ms=first_sentence_ms, decode_tok_s=decode, answer_tokens=tokens,
-                tts_first_sentence_ms=tts_ms,
-                first_audio_ms=stt_ms + ttft_ms + first_sentence_ms + tts_ms,
+                first_sentence_ms=max(0.0, first_audio_ms - stt_ms - ttft_ms - tts_ms), decode_tok_s=decode,
+                answer_tokens=job.tokens, tts_first_sentence_ms=tts_ms, first_audio_ms=first_audio_ms,
                 # The prediction's turn: STT, first token, a 30-token answer at the measured rate (the model
                 # may stop earlier), then its first sentence spoken.
                 voice_turn_ms=stt_ms + ttft_ms + ((ANSWER_TOKENS - 1) / decode * 1000 if decode else decode_s * 1000)
@@ -169,9 +161,47 @@ async def _run_turn(
     )
 
 
-def _first_chunk(tts: Any, text: str) -> Any:
-    """The first audio chunk Piper makes of `text` (what the server sends first), or None."""
-    return next(iter(tts.synthesize(text)), None)
+class _Engines:
+    """The turn's engines as the server runs them: the LLM pool, and TTS on a thread, its first call timed."""
+
+    def __init__(self, pool: Any, tts: Any) -> None:
+        self.pool, self.tts = pool, tts
+        self.default_prompt = ""
+        self.stt_inflight = 0
+        self.first_tts_ms: float | None = None
+
+    async def synthesize(self, text: str) -> tuple[Any, int]:
+        t0 = time.perf_counter()
+        audio = await asyncio.to_thread(self.tts.synthesize_all, text)
+        if self.first_tts_ms is None:
+            self.first_tts_ms = (time.perf_counter() - t0) * 1000
+        return audio, int(self.tts.sample_rate)
+
+    async def run_aux(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.to_thread(fn, *args)
+
+
+class _Stopwatch:
+    """A sink that notes when the first speech went out, and any error."""
+
+    def __init__(self) -> None:
+        self.first_speech_at: float | None = None
+        self.errors: list[str] = []
+
+    def control(self, event: Any) -> None:
+        """Nothing but errors is sent as control in a turn."""
+
+    def data(self, event: Any, turn: Any = None) -> None:
+        from local_ai_server.voice.events import Speech
+
+        if isinstance(event, Speech) and self.first_speech_at is None:
+            self.first_speech_at = time.monotonic()
+
+    def discard_speech(self) -> int:
+        return 0
+
+    def failed(self, _turn: Any, err: Any) -> None:
+        self.errors.append(str(getattr(err, "message", err)))
 
 
 def compare(measured: Mapping[str, float], expected: Mapping[str, float]) -> dict[str, dict[str, Any]]:

@@ -35,7 +35,7 @@ from local_ai_server.setup.registry import (
     UrlSource,
     load_registry,
 )
-from local_ai_server.setup.selection import read_selection, write_selection
+from local_ai_server.setup.selection import default_models_dir, read_selection, write_selection
 from local_ai_server.setup.sources import reachable, unavailable_tiers
 
 HF_API = "https://huggingface.co/api/models"
@@ -45,12 +45,6 @@ DEFAULT_TIER = "embedded"
 PROBE_MODEL = "tinyllama-1.1b-chat-v1.0-q4_k_m"
 LLAMA_BACKENDS = ("cpu", "cuda", "hip", "vulkan", "metal")
 EPILOG = "Exit codes: 0 ok, 1 failure (one-line error on stderr), 130 interrupted."
-
-
-def default_models_dir() -> Path:
-    """$LOCAL_MODELS_DIR, else models/ beside this script."""
-    configured = os.environ.get("LOCAL_MODELS_DIR", "").strip()
-    return Path(configured).expanduser() if configured else HERE / "models"
 
 
 def default_cache_dir() -> Path:

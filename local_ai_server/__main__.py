@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
-# libgomp busy-waits 300k spins by default; on a small box that starves the other stages
-# (shared/MODELS.md trap 3). Must be set before llama.cpp or CTranslate2 load; workers inherit it.
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +16,7 @@ from .heap import limit_arenas
 from .setup.installation import InstallRecord, InstallRecordError, read_record
 from .setup.registry import SetupError
 from .setup.selection import default_models_dir, read_selection
+from .threads import thread_env
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +88,7 @@ def _install_record(models_dir: Path, tier: str | None, warnings: list[str]) -> 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `local-ai-server` console script."""
     arenas = limit_arenas()  # before any thread exists (the server and its engines are imported below)
+    thread_env()  # before llama.cpp or CTranslate2 load; the LLM worker processes inherit it
     warnings: list[str] = []
     try:
         cfg = load_config(argv, warnings=warnings)

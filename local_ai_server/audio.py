@@ -18,7 +18,6 @@ __all__ = [
     "SUPPORTED_INPUT_RATES",
     "SUPPORTED_OUTPUT",
     "StreamResampler",
-    "decode_input",
     "encode_output",
     "float32_to_pcm16",
     "is_silent",
@@ -222,22 +221,6 @@ def _short(value: object) -> str:
     """Render a client-supplied value for an error message, bounded in length."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def decode_input(payload: bytes, fmt: str, rate: int) -> np.ndarray:
-    """Decode a client audio payload (pcm16le at any supported rate, mulaw at 8 kHz) to float32 16 kHz."""
-    if not isinstance(fmt, str):
-        raise UnsupportedAudio(f"unsupported audio format {_short(fmt)}; use pcm16le or mulaw")
-    if rate is None:
-        raise UnsupportedAudio("a sample rate is required")
-    canonical = normalize_input_format(fmt, rate)
-    if canonical == "mulaw":
-        pcm = mulaw_decode(payload)
-    else:
-        if len(payload) % 2:
-            raise UnsupportedAudio("pcm16le payload has an odd number of bytes")
-        pcm = bytes(payload)
-    return resample(pcm16_to_float32(pcm), rate, INTERNAL_RATE)
 
 
 # ---------------------------------------------------------------------------

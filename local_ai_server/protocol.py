@@ -57,10 +57,9 @@ class SetMode:
 
 @dataclass(frozen=True)
 class Audio:
-    """`audio` (JSON with base64 data) or a binary frame (data_b64 None, raw set)."""
+    """`audio`: JSON with base64 data (binary frames are audio too, and never parsed as messages)."""
 
     data_b64: str | None
-    raw: bytes | None = None
     rate: int | None = None
     format: str | None = None
     mode: str | None = None
@@ -71,8 +70,6 @@ class Audio:
 
     def payload(self) -> bytes:
         """The audio bytes (decodes base64; call off the loop for large payloads)."""
-        if self.raw is not None:
-            return self.raw
         try:
             return base64.b64decode(self.data_b64 or "", validate=True)
         except (binascii.Error, ValueError):

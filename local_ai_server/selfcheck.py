@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+from local_ai_server.threads import thread_env
+
+thread_env()
 
 
 def main() -> int:

@@ -13,10 +13,8 @@ import pytest
 
 from local_ai_server import audio
 from local_ai_server.audio import (
-    SUPPORTED_INPUT_RATES,
     SUPPORTED_OUTPUT,
     StreamResampler,
-    decode_input,
     encode_output,
     float32_to_pcm16,
     is_silent,
@@ -343,60 +341,6 @@ def test_encode_output_mulaw_and_linear16() -> None:
         encode_output(x, 22050, "mulaw", 16000)
     with pytest.raises(ValueError):
         encode_output(x, 22050, "opus", 8000)
-
-
-@pytest.mark.parametrize("rate", SUPPORTED_INPUT_RATES)
-def test_decode_input_pcm16(rate: int) -> None:
-    x = _tone(1000.0, rate, 0.25)
-    y = decode_input(float32_to_pcm16(x), "pcm16le", rate)
-    assert y.dtype == np.float32
-    assert abs(len(y) - 4000) <= 2
-    assert _peak_hz(y, 16000) == pytest.approx(1000.0, rel=0.01)
-
-
-def test_decode_input_pcm16_16k_is_plain_conversion() -> None:
-    data = _pcm([0, 1, -1, 32767, -32768])
-    assert np.array_equal(decode_input(data, "linear16", 16000), pcm16_to_float32(data))
-
-
-def test_decode_input_mulaw_and_aliases() -> None:
-    x = _tone(440.0, 8000, 0.25)
-    payload = mulaw_encode(float32_to_pcm16(x))
-    for fmt in ("mulaw", "ulaw", "g711_ulaw", "MULAW"):
-        y = decode_input(payload, fmt, 8000)
-        assert abs(len(y) - 4000) <= 2
-        assert _peak_hz(y, 16000) == pytest.approx(440.0, rel=0.01)
-    pcm = float32_to_pcm16(x)
-    for fmt in ("pcm16le", "pcm16", "linear16", "slin"):
-        assert len(decode_input(pcm, fmt, 8000)) == len(decode_input(pcm, "pcm16le", 8000))
-
-
-def test_decode_input_empty_payload() -> None:
-    assert decode_input(b"", "pcm16le", 8000).shape == (0,)
-    assert decode_input(b"", "mulaw", 8000).shape == (0,)
-    assert decode_input(b"", "pcm16le", 16000).dtype == np.float32
-
-
-@pytest.mark.parametrize(
-    ("payload", "fmt", "rate", "needle"),
-    [
-        (b"\x00\x00", "opus", 8000, "format"),
-        (b"\x00\x00", "alaw", 8000, "format"),
-        (b"\x00\x00", "pcm16le", 11025, "rate"),
-        (b"\x00\x00", "pcm16le", "16000", "rate"),
-        (b"\x00\x00", "pcm16le", True, "rate"),
-        (b"\x00\x00", "mulaw", 16000, "rate"),
-        (b"\x00\x00\x00", "pcm16le", 16000, "odd"),
-        (b"\x00\x00", "x" * 500, 8000, "format"),
-    ],
-)
-def test_decode_input_errors(payload: bytes, fmt: str, rate: int, needle: str) -> None:
-    with pytest.raises(UnsupportedAudio) as info:
-        decode_input(payload, fmt, rate)
-    message = info.value.message
-    assert needle in message
-    assert len(message) < 120 and "/" not in message
-    assert info.value.code == "unsupported_audio"
 
 
 # ---------------------------------------------------------------------------

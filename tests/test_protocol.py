@@ -169,7 +169,6 @@ def test_audio_all_fields_and_payload() -> None:
     assert isinstance(msg, Audio)
     assert (msg.rate, msg.format, msg.mode, msg.call_id, msg.request_id) == (8000, "mulaw", "full", "c", 5)
     assert (msg.output_encoding, msg.output_sample_rate_hz) == ("linear16", 16000)
-    assert msg.raw is None
     assert msg.payload() == raw
 
 
@@ -179,10 +178,6 @@ def test_audio_aliases(rate_key: str) -> None:
                  "encoding": "pcm16le"})
     assert isinstance(msg, Audio)
     assert (msg.rate, msg.format, msg.payload()) == (16000, "pcm16le", b"\x01\x02")
-
-
-def test_audio_binary_frame_payload_is_raw() -> None:
-    assert Audio(data_b64=None, raw=b"abc").payload() == b"abc"
 
 
 def test_audio_bad_base64_is_invalid_field_with_request_id() -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,12 +157,3 @@ class LlamaEngine:
         meta = getattr(self._llm, "metadata", {}) or {}
         return {"name": meta.get("general.name") or self.path.stem, "n_ctx": self._llm.n_ctx()}
 
-
-def now_ms() -> float:
-    """Monotonic milliseconds."""
-    return time.monotonic() * 1000.0
-
-
-def worker_pid() -> int:
-    """This worker's process id."""
-    return os.getpid()

@@ -30,6 +30,7 @@ from local_ai_server.setup.plan import LLM_MAX_THREADS, STT_MAX_THREADS, TTS_MAX
 from local_ai_server.setup.probe import TINYLLAMA_1B, ProbeShape, build_probe
 from local_ai_server.setup.registry import Model, Registry, SetupError, load_registry
 from local_ai_server.setup.selection import default_models_dir, default_registry_path, read_selection
+from local_ai_server.threads import thread_env
 
 # Bump when what is measured or how changes: older cached results are then never reused.
 BENCH_VERSION = 2
@@ -106,9 +107,7 @@ def probe_llm(
         "decode_tokens": decode_tokens, "repeats": repeats, "ttft_tokens": ttft_tokens,
         "context": max(context, prompt_tokens + decode_tokens + 8, ttft_tokens + 8),
     }
-    env = dict(os.environ)
-    # libgomp busy-waits after each parallel region; capped, like the server does (MODELS.md trap 3).
-    env.setdefault("GOMP_SPINCOUNT", "1000")
+    env = dict(thread_env(dict(os.environ)))  # the server's own thread environment
     cmd = [sys.executable, "-m", "local_ai_server.setup.bench", "_probe", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env,

@@ -8,7 +8,6 @@ of the first sentence) and says how far off the prediction was.
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import time
 from collections.abc import Mapping
@@ -16,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")  # before CTranslate2 / llama.cpp load (MODELS.md trap 3)
+from local_ai_server.threads import thread_env
+
+thread_env()  # before CTranslate2 / llama.cpp load
 
 # 10-word questions, as the prediction assumes (plan.QUESTION_WORDS); a different one each repeat, or
 # llama.cpp would reuse the previous prompt from its cache and the first token would come for free.

@@ -24,10 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from local_ai_server.threads import thread_env  # noqa: E402
+
+thread_env()  # before any model library loads
 
 from local_ai_server.setup.bench import probe_llm, run_bench  # noqa: E402
 from local_ai_server.setup.hardware import detect  # noqa: E402

@@ -61,6 +61,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from local_ai_server.threads import thread_env  # noqa: E402
+
 T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------------- constants
@@ -340,7 +342,7 @@ def start_server(name: str, tmp: Path, env: dict[str, str] | None = None, timeou
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LOCAL_")}
     full_env.update({"LOCAL_WS_PORT": str(port), "LOCAL_WS_HOST": "127.0.0.1", "LOCAL_LOG_JSON": "1",
-                     "LOCAL_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1", "GOMP_SPINCOUNT": "1000",
+                     "LOCAL_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1",
                      "LOCAL_MODELS_DIR": str(ROOT / "models")})
     full_env.update(env or {})
     log_path = tmp / f"server-{name}-{port}.log"
@@ -1052,7 +1054,7 @@ class BareLlm:
         return dict(json.loads(line))
 
     def _spawn(self) -> None:
-        env = dict(os.environ, GOMP_SPINCOUNT="1000")
+        env = dict(thread_env(dict(os.environ)))
         self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen([sys.executable, "-c", BARE_SCRIPT, json.dumps(self.spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,

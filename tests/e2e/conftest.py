@@ -1,18 +1,10 @@
-"""End-to-end fixtures: the real server as a subprocess on a free port, real models, a real client."""
+"""End-to-end fixtures: the real server (local_ai_server.harness) with the real models, a real client."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,25 +16,12 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from local_ai_server.audio import float32_to_pcm16, resample
+from local_ai_server.harness import ServerProc, free_port, pid_exists, start_server
 from local_ai_server.setup.selection import default_models_dir, read_selection
+from tests.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def pid_exists(pid: int) -> bool:
-    """True while `pid` exists, zombies included."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def free_port() -> int:
-    """A port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+ROOT = REPO
+__all__ = ["ROOT", "ServerProc", "free_port", "pid_exists", "start_server"]  # re-exported for the e2e tests
 
 
 @pytest.fixture(scope="session")
@@ -52,123 +31,6 @@ def models_dir() -> Path:
     if read_selection(d) is None:
         pytest.fail(f"no models installed in {d}: run ./install.sh (scripts/test.sh does) before the tests")
     return d
-
-
-@dataclass
-class ServerProc:
-    """A running server subprocess and how to reach it."""
-
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-    token: str | None = None
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/"
-
-    def http(self, path: str) -> tuple[int, bytes]:
-        """GET a path on the server's HTTP side: (status, body)."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as resp:
-                return resp.status, resp.read()
-        except urllib.error.HTTPError as err:
-            return err.code, err.read()
-
-    def metric(self, name: str, labels: str = "") -> float:
-        """Read one sample from /metrics (0 if absent)."""
-        _, body = self.http("/metrics")
-        key = f"{name}{{{labels}}}" if labels else name
-        for line in body.decode().splitlines():
-            if line.startswith(key + " "):
-                return float(line.split()[-1])
-        return 0.0
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_events(self) -> list[dict[str, Any]]:
-        """The server's JSON log lines."""
-        out = []
-        for line in self.logs().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early ({self.proc.returncode}):\n{self.logs()[-3000:]}")
-            try:
-                status, _ = self.http("/ready")
-                if status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready in {timeout}s:\n{self.logs()[-3000:]}")
-
-    def wait_settled(self, timeout: float = 60) -> tuple[int, dict[str, Any]]:
-        """Wait until model loading is over (whatever its outcome): the /ready (status, body) then."""
-        deadline = time.monotonic() + timeout
-        while True:
-            status, body = self.http("/ready")
-            ready = json.loads(body)
-            if ready["status"] != "warming_up" or time.monotonic() > deadline:
-                return status, ready
-            time.sleep(0.1)
-
-    def wait_listening(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early ({self.proc.returncode}):\n{self.logs()[-3000:]}")
-            try:
-                self.http("/health")
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("server port never opened")
-
-    def stop(self, timeout: float = 15) -> int:
-        """SIGTERM and wait; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return int(self.proc.returncode)
-
-
-def start_server(tmp: Path, models_dir: Path | None, *, env: dict[str, str] | None = None,
-                 wait: str = "ready") -> ServerProc:
-    """Start `python -m local_ai_server` on a free port with JSON logs to a file."""
-    port = free_port()
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("LOCAL_")}
-    full_env.update({
-        "LOCAL_WS_PORT": str(port),
-        "LOCAL_LOG_JSON": "1",
-        "LOCAL_LOG_LEVEL": "info",
-        "PYTHONUNBUFFERED": "1",
-    })
-    if models_dir is not None:
-        full_env["LOCAL_MODELS_DIR"] = str(models_dir)
-    full_env.update(env or {})
-    log_path = tmp / f"server-{port}.log"
-    fh = open(log_path, "wb")  # noqa: SIM115 - owned by the child process for its whole life
-    proc = subprocess.Popen([sys.executable, "-m", "local_ai_server"], cwd=str(ROOT), env=full_env,
-                            stdout=fh, stderr=subprocess.STDOUT)
-    server = ServerProc(proc=proc, port=port, log_path=log_path, token=full_env.get("LOCAL_WS_AUTH_TOKEN"))
-    if wait == "ready":
-        server.wait_ready()
-    elif wait == "listening":
-        server.wait_listening()
-    return server
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,11 @@ import numpy as np
 import pytest
 import websockets
 
+from tests.paths import FIXTURES
+
 from .conftest import Client, ServerProc, pcm16, silence, start_server
 
-FIXTURES_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "ava"
+FIXTURES_DIR = FIXTURES / "ava"
 FIXTURE_FILES = sorted(FIXTURES_DIR.glob("*.json"))
 SPEECH_PLACEHOLDER = "$SPEECH_B64"
 DEFAULT_TIMEOUT_S = 20.0  # a fixture without timeout_s (the replay harness in the README uses the same)

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 from local_ai_server.audio import is_silent, mulaw_decode, pcm16_to_float32
+from tests.paths import REPO
 
 from .conftest import Client, ServerProc, silence
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO
 SENTENCE = "I would like to book a table for two people at seven tonight."
 
 

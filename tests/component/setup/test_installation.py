@@ -19,8 +19,7 @@ from local_ai_server.setup.installation import (
 )
 from local_ai_server.setup.registry import load_registry
 from local_ai_server.setup.selection import write_selection
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.paths import REPO
 
 
 def record(**overrides: Any) -> dict[str, Any]:

@@ -14,9 +14,9 @@ import pytest
 from local_ai_server.setup.hardware import Hardware
 from local_ai_server.setup.plan import Bench, PlanError, cpu_device, make_plan, predict, resolve_tier
 from local_ai_server.setup.registry import Registry, load_registry
-from tests.setup.test_hardware import machine
+from tests.paths import REPO
+from tests.unit.setup.test_hardware import machine
 
-REPO = Path(__file__).resolve().parents[2]
 MODEL_SETUP = REPO / "model_setup.py"
 MACHINES = ["xeon-e5-2660v3", "ryzen-7950x-rtx4090", "apple-m1", "laptop-i5-8250u", "this-machine", "amd-rx7900xtx"]
 

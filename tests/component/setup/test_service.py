@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from local_ai_server.setup.service import UNIT_NAME, ServiceError, UnitSpec, install_unit, render_unit, systemd_running
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.paths import REPO
 
 
 def spec(tmp_path: Path, root: Path = REPO) -> UnitSpec:

@@ -10,9 +10,8 @@ import pytest
 
 from local_ai_server.setup.registry import Registry, load_registry, parse_registry
 from local_ai_server.setup.sources import reachable, unavailable_tiers
-from tests.setup.conftest import FaultServer, registry_doc
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.installer_fixtures import FaultServer, registry_doc
+from tests.paths import REPO
 
 
 def closed_port() -> int:

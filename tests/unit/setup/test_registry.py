@@ -29,9 +29,9 @@ from local_ai_server.setup.selection import (
     repo_root,
     write_selection,
 )
-from tests.setup.conftest import registry_doc, write_json
+from tests.installer_fixtures import registry_doc, write_json
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 REAL_REGISTRY = REPO / "registry.json"
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 

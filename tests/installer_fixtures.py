@@ -1,4 +1,4 @@
-"""Fixtures for installer tests: tiny real wheels, a real local PEP 503 index over HTTP, and a
+"""Installer test fixtures: tiny real wheels, a real local PEP 503 index over HTTP, and a
 file server with Range support and per-request fault injection."""
 
 from __future__ import annotations

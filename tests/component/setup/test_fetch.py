@@ -13,9 +13,9 @@ import pytest
 from local_ai_server.setup.fetch import DiskSpaceError, FetchError, fetch_tier, verify_tier
 from local_ai_server.setup.registry import parse_registry
 from local_ai_server.setup.selection import read_selection, write_selection
-from tests.setup.conftest import LAYOUT, MEMBERS, TinySetup, registry_doc, sha256, write_json
+from tests.installer_fixtures import LAYOUT, MEMBERS, TinySetup, registry_doc, sha256, write_json
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 MODEL_SETUP = REPO / "model_setup.py"
 
 

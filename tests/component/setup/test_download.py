@@ -15,7 +15,7 @@ import pytest
 from local_ai_server.setup.download import DownloadError, apply_mirror, download, progress_printer
 from local_ai_server.setup.fetch import DISK_MARGIN_BYTES, DiskSpaceError, fetch_tier
 from local_ai_server.setup.registry import parse_registry
-from tests.setup.conftest import LAYOUT, MEMBERS, Fault, FaultServer, registry_doc, sha256
+from tests.installer_fixtures import LAYOUT, MEMBERS, Fault, FaultServer, registry_doc, sha256
 
 # Deterministic bytes: a failure reproduces with the same offsets every run.
 DATA = random.Random(1234).randbytes(200_000)

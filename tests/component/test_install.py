@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "setup" / "fixtures"
+from tests.paths import INSTALLER_FIXTURES as FIXTURES
+from tests.paths import REPO as ROOT
 
 
 def install(args: list[str], tmp_path: Path, *, venv: Path | None = None, path_prefix: Path | None = None,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import llama_cpp
@@ -33,7 +31,6 @@ from local_ai_server.tools import (
     tool_result_prompt,
 )
 
-MODEL = Path(__file__).resolve().parent.parent / "models" / "llm" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT = "Thank you for calling. Goodbye."
 EMPTY: dict[str, Any] = {"type": "object", "properties": {}}
 
@@ -776,50 +773,3 @@ def test_tool_result_prompt_never_raises() -> None:
     assert "failed with this result: {}." in tool_result_prompt("t", circular, True)
     assert '{"value": "' in tool_result_prompt("t", object(), False)
     assert tool_result_prompt("two\nlines", {}, False).startswith("The tool two lines returned")
-
-
-# ------------------------------------------------------------------------------------------------- the real model
-
-
-@pytest.fixture(scope="module")
-def llm() -> Iterator[llama_cpp.Llama]:
-    if not MODEL.is_file():
-        pytest.fail(f"{MODEL.name} is not installed: run ./install.sh")
-    model = llama_cpp.Llama(model_path=str(MODEL), n_ctx=1024, n_threads=4, verbose=False)
-    yield model
-    model.close()
-
-
-def check_decision_json(obj: Any, tools: tuple[Tool, ...]) -> None:
-    """The decision follows decision_schema: one declared call with declared arguments, or a short answer."""
-    assert isinstance(obj, dict)
-    if "answer" in obj:
-        assert set(obj) == {"answer"} and isinstance(obj["answer"], str) and len(obj["answer"]) <= 400
-        return
-    assert set(obj) == {"tool_call"} and set(obj["tool_call"]) == {"name", "arguments"}
-    call = obj["tool_call"]
-    args = arguments_schema(decision_schema(tools), call["name"])
-    assert set(call["arguments"]) <= set(args["properties"])
-    assert set(args.get("required", ())) <= set(call["arguments"])
-    for key, value in call["arguments"].items():
-        spec = args["properties"][key]
-        if "enum" in spec:
-            assert value in spec["enum"]
-
-
-@pytest.mark.parametrize("user", ["Please hang up now, goodbye.", "Transfer me to sales please.",
-                                  "What time do you open tomorrow?"])
-def test_the_real_model_decides_within_the_schema(llm: llama_cpp.Llama, user: str) -> None:
-    tools = tools_of(HANGUP, TRANSFER)
-    grammar = llama_cpp.LlamaGrammar.from_json_schema(json.dumps(decision_schema(tools)), verbose=False)
-    out: Any = llm.create_chat_completion(
-        messages=[{"role": "system", "content": "You are a phone assistant.\n" + decision_prompt(tools)},
-                  {"role": "user", "content": user}],
-        grammar=grammar, max_tokens=96, temperature=0)
-    text = out["choices"][0]["message"]["content"]
-    check_decision_json(json.loads(text), tools)
-    decision = parse_decision(text, tools)
-    if isinstance(decision, ToolCall):
-        assert decision.name in {t.name for t in tools}
-    else:
-        assert isinstance(decision, str)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -21,9 +20,9 @@ from local_ai_server.setup.hardware import (
     parse_sysctl,
     parse_system_profiler,
 )
+from tests.paths import INSTALLER_FIXTURES as FIXTURES
+from tests.paths import REPO
 
-FIXTURES = Path(__file__).parent / "fixtures"
-REPO = Path(__file__).resolve().parents[2]
 # fixture file name -> from_raw key
 TOOL_FILES = {
     "cpuinfo": "cpuinfo", "meminfo": "meminfo", "nproc": "nproc", "nvidia-smi": "nvidia_smi",

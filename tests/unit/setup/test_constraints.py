@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from local_ai_server.setup.plan import Constraints, PlanError, make_plan
 from local_ai_server.setup.registry import Registry, load_registry
-from tests.setup.test_hardware import machine
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.paths import REPO
+from tests.unit.setup.test_hardware import machine
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ import pytest
 from local_ai_server.setup.installation import read_record
 from local_ai_server.setup.probe import TEST_TINY, build_probe
 from local_ai_server.setup.selection import default_models_dir, read_selection
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.paths import REPO
 
 
 def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -1,1 +1,0 @@
-"""Tests for the model installer (registry, fetch, selection, model_setup.py)."""

@@ -21,46 +21,51 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as bench  # noqa: E402 - the benchmark's own server and client helpers
+import procs  # noqa: E402 - the benchmark's own server processes
+from phase_llm import BareLlm, bare_decode_run, server_decode_run  # noqa: E402
+from speech import Client  # noqa: E402
+from workload import LONG_ENV  # noqa: E402
+
+from local_ai_server.harness import ServerProc  # noqa: E402
 
 TOKENS = 800
 
 
-def start_other(root: Path, tmp: Path) -> bench.Server:
+def start_other(root: Path, tmp: Path) -> ServerProc:
     """Start the server of another checkout (its code, this tree's models)."""
-    own = bench.ROOT
-    bench.ROOT = root  # start_server runs `python -m local_ai_server` from ROOT
+    own = procs.ROOT
+    procs.ROOT = root  # start_server runs `python -m local_ai_server` from ROOT
     try:
-        return bench.start_server("other", tmp, {**bench.LONG_ENV, "LOCAL_MODELS_DIR": str(own / "models")})
+        return procs.start_server("other", tmp, {**LONG_ENV, "LOCAL_MODELS_DIR": str(own / "models")})
     finally:
-        bench.ROOT = own
+        procs.ROOT = own
 
 
-def server_side(srv: bench.Server, threads: int, tag: str) -> Callable[[int], Awaitable[dict[str, Any]]]:
+def server_side(srv: ServerProc, threads: int, tag: str) -> Callable[[int], Awaitable[dict[str, Any]]]:
     """One generation through `srv`, timed from the client as bench/run.py does."""
     async def go(i: int) -> dict[str, Any]:
-        return await bench.server_decode_run(srv.url, threads, TOKENS, f"{tag}{i}")
+        return await server_decode_run(srv.url, threads, TOKENS, f"{tag}{i}")
     return go
 
 
 async def main_async(rounds: int, against: Path | None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="decode-ab-"))
-    this = await asyncio.to_thread(bench.start_server, "this", tmp, bench.LONG_ENV)
+    this = await asyncio.to_thread(procs.start_server, "this", tmp, LONG_ENV)
     other = await asyncio.to_thread(start_other, against, tmp) if against is not None else None
-    bare: bench.BareLlm | None = None
+    bare: BareLlm | None = None
     try:
-        c = await bench.Client.connect(this.url)
+        c = await Client.connect(this.url)
         status, _ = await c.request({"type": "status", "request_id": "st"}, "status_response")
         await c.close()
         llm = status["models"]["llm"]
         threads = int(llm["config"]["threads"])
-        bare = bench.BareLlm(str(llm["path"]), threads, int(llm["config"].get("batch") or 256), TOKENS,
+        bare = BareLlm(str(llm["path"]), threads, int(llm["config"].get("batch") or 256), TOKENS,
                              llm["config"])
         await bare.start()
 
         async def bare_side(_i: int) -> dict[str, Any]:
             assert bare is not None
-            return await bench.bare_decode_run(bare, threads)
+            return await bare_decode_run(bare, threads)
 
         sides: list[tuple[str, Callable[[int], Awaitable[dict[str, Any]]]]] = [
             ("bare", bare_side), ("this", server_side(this, threads, "t"))]

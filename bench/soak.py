@@ -31,9 +31,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run as bench  # noqa: E402  (bench/run.py: server, client and speech helpers)
+import procs  # noqa: E402  (the benchmark's server processes)
+from speech import Client, Streamer, synthesize  # noqa: E402  (its client and speech)
+from workload import QUESTIONS  # noqa: E402
 
-QUESTIONS = bench.QUESTIONS
+from local_ai_server import harness  # noqa: E402
+
 TURNS_PER_CALL = 4
 
 
@@ -45,10 +48,10 @@ def fd_count(pid: int) -> int | None:
         return None
 
 
-def sample(srv: bench.Server) -> dict[str, Any]:
+def sample(srv: harness.ServerProc) -> dict[str, Any]:
     """RSS (MB) and descriptors of the server and its LLM workers now."""
-    pids = [srv.proc.pid, *bench.descendants(srv.proc.pid)]
-    rss = {pid: bench.rss_mb(pid) for pid in pids}
+    pids = [srv.proc.pid, *harness.descendants(srv.proc.pid)]
+    rss = {pid: procs.rss_mb(pid) for pid in pids}
     fds = {pid: fd_count(pid) for pid in pids}
     return {
         "rss_mb_main": rss[srv.proc.pid],
@@ -59,15 +62,15 @@ def sample(srv: bench.Server) -> dict[str, Any]:
     }
 
 
-async def caller(srv: bench.Server, idx: int, speech: dict[str, Any], deadline: float,
+async def caller(srv: harness.ServerProc, idx: int, speech: dict[str, Any], deadline: float,
                  stats: dict[str, Any]) -> None:
     """One session: calls of TURNS_PER_CALL turns each, until the deadline."""
     rng = random.Random(idx)
     call = 0
     while time.monotonic() < deadline:
         call += 1
-        client = await bench.Client.connect(srv.url)
-        streamer = bench.Streamer(client, seed=idx)
+        client = await Client.connect(srv.url)
+        streamer = Streamer(client, seed=idx)
         try:
             call_id = f"soak-{idx}-{call}"
             await client.request({"type": "set_mode", "mode": "full", "call_id": call_id}, "mode_ready")
@@ -92,7 +95,7 @@ async def caller(srv: bench.Server, idx: int, speech: dict[str, Any], deadline: 
         stats["calls"] += 1
 
 
-async def fill_llm_context(srv: bench.Server) -> dict[str, Any]:
+async def fill_llm_context(srv: harness.ServerProc) -> dict[str, Any]:
     """One request per LLM worker that nearly fills its context window; returns what was sent and answered.
 
     A worker allocates its KV cache and attention buffers for the whole context at load, but their pages
@@ -100,7 +103,7 @@ async def fill_llm_context(srv: bench.Server) -> dict[str, Any]:
     RSS 136 -> 166 MB as prompts grow to 1200 words, not a byte back for shorter ones). Without this, the
     first long conversation after the warm-up reads as growth; with it, growth at rest is what leaked.
     """
-    client = await bench.Client.connect(srv.url)
+    client = await Client.connect(srv.url)
     try:
         status, _ = await client.request({"type": "status"}, "status_response")
         llm = status["models"]["llm"]["config"]
@@ -133,8 +136,8 @@ async def fill_llm_context(srv: bench.Server) -> dict[str, Any]:
 async def soak(minutes: float, sessions: int, warmup_s: float, tmp: Path, settle_s: float,
                fill_context: bool = True) -> dict[str, Any]:
     """Run the soak and return its figures."""
-    speech = bench.synthesize(list(QUESTIONS))
-    srv = bench.start_server("soak", tmp)
+    speech = synthesize(list(QUESTIONS))
+    srv = procs.start_server("soak", tmp)
     stats: dict[str, Any] = {"turns": 0, "calls": 0, "errors": [], "error_replies": 0}
     samples: list[dict[str, Any]] = []
 
@@ -160,7 +163,7 @@ async def soak(minutes: float, sessions: int, warmup_s: float, tmp: Path, settle
         await asyncio.sleep(settle_s)
         end = sample(srv)
     finally:
-        code = srv.stop()
+        code = srv.stop(20, reap=True)
     rss_growth = (end["rss_mb_total"] - start["rss_mb_total"]) / start["rss_mb_total"] * 100
     return {
         "minutes": minutes,

@@ -10,8 +10,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidField, InvalidJson, PayloadTooLarge, RequestId, ServerError, UnknownType
-from .tools import Tool, ToolError, normalize_policy, parse_names, parse_tools
+from ..errors import InvalidField, InvalidJson, PayloadTooLarge, RequestId, ServerError, UnknownType
+from ..tools import Tool, ToolError, normalize_policy, parse_names, parse_tools
 
 MODES = ("full", "stt", "llm", "tts")
 CONTEXT_ROLES = ("system", "user", "assistant")

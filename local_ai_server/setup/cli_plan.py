@@ -1,0 +1,215 @@
+"""model_setup.py detect, bench, plan and list: describe and measure this machine, choose a tier for it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from local_ai_server.setup.cli_common import (
+    args_bench,
+    args_hardware,
+    args_models_dir,
+    args_registry,
+    emit,
+    line_logger,
+    mb,
+    read_json,
+    save,
+)
+from local_ai_server.setup.download import DownloadError, apply_mirror, download, progress_printer
+from local_ai_server.setup.fetch import LogFn
+from local_ai_server.setup.hardware import detect
+from local_ai_server.setup.plan import Bench, Constraints, make_plan
+from local_ai_server.setup.registry import Registry, SetupError, UrlSource
+from local_ai_server.setup.selection import read_selection
+from local_ai_server.setup.sources import reachable, unavailable_tiers
+
+PROBE_MODEL = "tinyllama-1.1b-chat-v1.0-q4_k_m"
+
+
+def default_cache_dir() -> Path:
+    """$LOCAL_AI_CACHE, else $XDG_CACHE_HOME/local-ai-server (~/.cache/local-ai-server)."""
+    configured = os.environ.get("LOCAL_AI_CACHE", "").strip()
+    if configured:
+        return Path(configured).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "local-ai-server"
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    """Describe this machine's CPU, RAM, GPUs and disk."""
+    hw = detect(args_models_dir(args))
+    save(args, hw.to_dict())
+    if args.json:
+        emit(hw.to_dict())
+        return 0
+    print(f"cpu:  {hw.cpu_model} ({hw.cpu_cores} cores, {hw.cpu_threads} threads, {hw.arch})")
+    print(f"ram:  {hw.ram_gb:g} GB")
+    for g in hw.gpus:
+        print(f"gpu:  {g.vendor} {g.name} ({g.vram_gb:g} GB{' unified' if g.unified else ''})")
+    if not hw.gpus:
+        print("gpu:  none")
+    print(f"disk: {hw.disk_free_gb if hw.disk_free_gb is not None else '?'} GB free; os {hw.os}")
+    for note in hw.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Measure this machine (or report its cached result): the LLM probe, STT and TTS."""
+    from local_ai_server.setup.bench import run_bench
+
+    registry = args_registry(args)
+    models_dir = args_models_dir(args)
+    cache_dir = Path(args.cache_dir or default_cache_dir()).expanduser().absolute()
+    say = line_logger(sys.stderr if args.json else sys.stdout)
+    probe = args.probe or tinyllama_probe(registry, models_dir, cache_dir, args, say)
+    doc = run_bench(hardware=detect(models_dir), models_dir=models_dir, registry=registry, cache_dir=cache_dir,
+                    probe_path=probe, refresh=args.refresh, log=say)
+    save(args, doc)
+    if args.json:
+        emit(doc)
+        return 0
+    p = doc["probe"]
+    print(f"probe: {p.get('model', '?')} ({p.get('source', '?')}), {p.get('threads', '?')} threads: "
+          f"prefill {p['prefill_tok_s']:.0f} tok/s, decode {p['decode_tok_s']:.1f} tok/s, "
+          f"first token {p['ttft_ms']:.0f} ms, peak memory {p.get('rss_mb', '?')} MB")
+    print(f"stt:   {doc.get('stt_model')}: {doc.get('stt_ms')} ms for a 3 s utterance")
+    print(f"tts:   {doc.get('tts_model')}: {doc.get('tts_ms')} ms for one sentence")
+    return 0
+
+
+def tinyllama_probe(registry: Registry, models_dir: Path, cache_dir: Path, args: argparse.Namespace,
+               say: LogFn) -> Path | None:
+    """The real TinyLlama probe: present, or downloaded into the cache; None when it cannot be had."""
+    model = registry.models.get(PROBE_MODEL)
+    if model is None:
+        return None
+    f = model.files[0]
+    dest = cache_dir / "probes" / Path(f.path).name
+    for candidate in (models_dir / f.path, dest):
+        if candidate.is_file() and candidate.stat().st_size == f.size_bytes:
+            return candidate
+    if args.offline:
+        say("bench.probe", model=PROBE_MODEL, note="--offline: not downloading it; a same-shaped probe is built")
+        return None
+    urls = [s.url for s in f.sources if isinstance(s, UrlSource)]
+    if args.mirror:
+        urls = [apply_mirror(u, args.mirror) for u in urls] + urls
+    errors = {u: reachable(u) for u in dict.fromkeys(urls)}
+    live = [u for u, err in errors.items() if err is None]
+    if not live:
+        why = next(iter(errors.values()), None) or "no URL"
+        say("bench.probe", model=PROBE_MODEL, note=f"unreachable ({why}); a same-shaped probe is built instead")
+        return None
+    try:
+        return download(live, dest, size=f.size_bytes, sha256=f.sha256, label=f.path,
+                        progress=progress_printer(sys.stderr if args.json else sys.stdout))
+    except DownloadError as exc:
+        say("bench.probe", model=PROBE_MODEL, note=f"download failed ({exc}); a same-shaped probe is built instead")
+        return None
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Choose a tier for this machine (or explain --tier) and print or save the plan."""
+    registry = args_registry(args)
+    hw = args_hardware(args)
+    models_dir = args_models_dir(args)
+    unavailable: dict[str, str] = {}
+    if args.offline or args.check_sources:
+        unavailable = unavailable_tiers(registry, models_dir, offline=args.offline, mirror=args.mirror)
+    constraints = Constraints(gpu="off" if args.cpu_only else "require" if args.gpu else "auto",
+                              llama_backend=args.llama_backend, unavailable=unavailable)
+    bench_doc = read_json(args.bench) if args.bench is not None else None
+    bench = None if bench_doc is None else Bench.from_dict(bench_doc)
+    plan = make_plan(registry, hw, tier=args.tier, bench=bench, constraints=constraints)
+    doc = plan.to_dict(registry)
+    if bench_doc is not None:
+        probe = bench_doc.get("probe", {})
+        summary = {k: probe.get(k) for k in ("model", "source", "decode_tok_s", "prefill_tok_s", "ttft_ms",
+                                             "rss_mb", "threads")}
+        summary |= {"stt_ms": bench_doc.get("stt_ms"), "tts_ms": bench_doc.get("tts_ms"),
+                    "measured_at": bench_doc.get("measured_at")}
+        doc["bench_summary"] = summary
+    save(args, doc)
+    if args.json:
+        emit(doc)
+        return 0
+    pred = doc["prediction"]
+    print(f"tier {plan.tier} (LLM on {doc['llm_device']})")
+    for line in plan.why:
+        print(f"  {line}")
+    for role, m in doc["models"].items():
+        params = f", {m['params_b']:g}B params" if m["params_b"] else ""
+        print(f"  {role}: {m['display']} ({mb(m['size_bytes'])} MB{params})")
+    print(f"  predicted: decode {pred['decode_tok_s']} tok/s, prefill {pred['prefill_tok_s']} tok/s, "
+          f"STT {pred['stt_ms']} ms, first token {pred['ttft_ms']} ms, first audio {pred['first_audio_ms']} ms, "
+          f"voice turn ({doc['turn']['question_words']}-word question, {doc['turn']['answer_tokens']}-token answer) "
+          f"{pred['voice_turn_ms']} ms")
+    print(f"  inputs: bench: {doc['inputs']['bench']}")
+    for key, value in doc["inputs"]["device"].items():
+        print(f"          {key}: {value}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """List tiers and models with sizes and what each tier would do on this machine."""
+    registry = args_registry(args)
+    try:
+        selection = read_selection(args_models_dir(args))
+    except SetupError:
+        selection = None  # listing must work even when the installed selection is broken
+    selected = selection.tier.lower() if selection else None
+    plan = make_plan(registry, args_hardware(args), bench=args_bench(args))
+    predicted = {a.tier: a for a in plan.assessments}
+    if args.json:
+        emit({
+            "recommended": plan.tier,
+            "tiers": [
+                {
+                    "name": t.name,
+                    "description": t.description,
+                    "requirements": dict(t.requirements),
+                    "selected": t.name.lower() == selected,
+                    "size_bytes": sum(f.size_bytes for f in registry.tier_files(t.name)),
+                    "models": dict(t.models),
+                    "recommended": t.name == plan.tier,
+                    "fits": predicted[t.name].fits,
+                    "meets_targets": predicted[t.name].meets_targets,
+                    "llm_device": predicted[t.name].device.kind,
+                    "predicted": predicted[t.name].prediction.to_dict(),
+                }
+                for t in registry.tiers.values()
+            ],
+            "models": [
+                {"id": m.id, "role": m.role, "display": m.display, "license": m.license,
+                 "dest": m.dest, "size_bytes": m.size_bytes, "files": len(m.files),
+                 "params_b": m.params_b, "quantization": m.quantization, "file_bytes": m.file_bytes,
+                 "context_length": m.context_length, "chat_format": m.chat_format,
+                 "pinned": all(f.pinned for f in m.files), "sha256_source": m.sha256_source}
+                for m in registry.models.values()
+            ],
+            "inputs": plan.to_dict(registry)["inputs"],
+        })
+        return 0
+    for t in registry.tiers.values():
+        size = sum(f.size_bytes for f in registry.tier_files(t.name))
+        mark = " (selected)" if t.name.lower() == selected else ""
+        mark += " (recommended here)" if t.name == plan.tier else ""
+        reqs = ", ".join(f"{k}={v}" for k, v in t.requirements.items())
+        print(f"tier {t.name}{mark}: {mb(size)} MB; {t.description}")
+        if reqs:
+            print(f"  requirements: {reqs}")
+        a = predicted[t.name]
+        p = a.prediction.to_dict()
+        print(f"  here ({a.device.kind}): decode {p['decode_tok_s']} tok/s, prefill {p['prefill_tok_s']} tok/s, "
+              f"first audio {p['first_audio_ms']} ms, voice turn {p['voice_turn_ms']} ms"
+              + ("" if a.fits and a.meets_targets else f" [{'; '.join(a.reasons)}]"))
+        for role, model_id in t.models.items():
+            m = registry.models[model_id]
+            print(f"  {role}: {m.id} - {m.display} [{m.license}] {mb(m.size_bytes)} MB")
+    return 0
+
+

@@ -1,65 +1,36 @@
-"""Listening: audio frames -> VAD segmentation -> partial and final transcripts, with an early guess."""
+"""Listening: audio frames -> VAD segmentation -> partial and final transcripts, with an early guess.
+
+The frames themselves (what is queued, decoding to 16 kHz, ended utterances) are voice.frames'.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import structlog
 
-from ..audio import StreamResampler, mulaw_decode, normalize_input_format, pcm16_to_float32
+from ..audio import normalize_input_format
 from ..config import SttConfig
 from ..engines.stt import Transcript
 from ..errors import Busy, NotReady, PayloadTooLarge, RequestId, ServerError, UnsupportedAudio
 from ..metrics import Metrics
 from ..session import Session
 from ..tasks import TaskOwner
-from ..vad import Segmenter, SegmenterSettings, UtteranceEnd, UtteranceStart
+from ..vad import Segmenter, UtteranceEnd, UtteranceStart
 from .events import Transcribed
+from .frames import Final, Frame, FrameDecoder, segmenter_settings
 from .ports import Engines, Sink
+
+__all__ = ["AUDIO_QUEUE_FRAMES", "INLINE_SAMPLES", "Answering", "Final", "Frame", "Listener", "segmenter_settings"]
 
 log = structlog.get_logger(__name__)
 
 # Frames with more samples than this are decoded and segmented on a thread, not on the loop.
 INLINE_SAMPLES = 8000
 AUDIO_QUEUE_FRAMES = 2000
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One inbound audio frame as received: raw bytes, their format and rate, and the call's mode then."""
-
-    payload: bytes
-    format: str
-    rate: int
-    mode: str
-    request_id: RequestId = None
-
-    @property
-    def samples(self) -> int:
-        """Samples in the frame."""
-        return len(self.payload) // (1 if self.format == "mulaw" else 2)
-
-    @property
-    def seconds(self) -> float:
-        """Seconds of audio in the frame."""
-        return self.samples / self.rate
-
-
-@dataclass(frozen=True)
-class Final:
-    """An utterance that ended (None audio: the stream went idle with nothing said)."""
-
-    end: UtteranceEnd | None
-    mode: str
-    request_id: RequestId
-    ended_at: float
-    # A transcription of exactly this audio started during the closing silence, and what was answered.
-    early: asyncio.Task[Transcript] | None
-    guess: Any
 
 
 class Answering(Protocol):
@@ -77,18 +48,6 @@ class Answering(Protocol):
 
     def error(self, err: ServerError) -> None:
         """Tell the caller's client."""
-
-
-def segmenter_settings(session: Session, cfg: SttConfig) -> SegmenterSettings:
-    """The session's segmentation settings over the server defaults."""
-    s = session
-    return SegmenterSettings(
-        silence_ms=s.segment_silence_ms if s.segment_silence_ms is not None else cfg.silence_ms,
-        energy_threshold=(s.segment_energy_threshold if s.segment_energy_threshold is not None
-                          else cfg.energy_threshold),
-        vad_threshold=cfg.vad_threshold,
-        max_utterance_s=cfg.max_utterance_s,
-    )
 
 
 class Listener:
@@ -112,8 +71,7 @@ class Listener:
         self._early: tuple[tuple[int, int], asyncio.Task[Transcript]] | None = None
         self._guess: tuple[tuple[int, int], Any] | None = None
         self._segmenter: Segmenter | None = None
-        self._resampler: StreamResampler | None = None
-        self._resampler_key: tuple[str, int] | None = None
+        self._decoder = FrameDecoder()
         self._utterance_no = 0
         self._partial_task: asyncio.Task[None] | None = None
         self._last_partial_text = ""
@@ -179,19 +137,9 @@ class Listener:
 
     # ------------------------------------------------------------------ segmentation
 
-    def _decode(self, frame: Frame) -> np.ndarray:
-        pcm = mulaw_decode(frame.payload) if frame.format == "mulaw" else frame.payload
-        x = pcm16_to_float32(pcm)
-        if frame.rate == 16000:
-            return x
-        key = (frame.format, frame.rate)
-        if self._resampler is None or self._resampler_key != key:
-            self._resampler, self._resampler_key = StreamResampler(frame.rate, 16000), key
-        return self._resampler.process(x)
-
     def _segment(self, frame: Frame) -> list[Any]:
         assert self._segmenter is not None
-        return self._segmenter.feed(self._decode(frame))
+        return self._segmenter.feed(self._decoder.decode(frame))
 
     async def _speech_loop(self) -> None:
         """Segment the stream; launch partials; queue finals; flush after the idle timeout."""

@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-model", type=Path, help="GGUF file (LOCAL_LLM_MODEL_PATH)")
     p.add_argument("--tts-model", type=Path, help="Piper .onnx voice (LOCAL_TTS_MODEL_PATH)")
     p.add_argument("--llm-workers", type=int, help="LLM worker processes (LOCAL_LLM_WORKERS, default 1)")
+    p.add_argument("--wyoming-uri", help="also serve Wyoming (Home Assistant) on tcp://HOST:PORT or unix://PATH "
+                   "(LOCAL_WYOMING_URI; off by default; tcp://0.0.0.0:10300 for the usual port)")
+    p.add_argument("--wyoming-zeroconf", nargs="?", const="", metavar="NAME",
+                   help="announce the Wyoming service over zeroconf, optionally under NAME (LOCAL_WYOMING_ZEROCONF)")
     p.add_argument("--log-level", help="debug|info|warning|error (LOCAL_LOG_LEVEL)")
     p.add_argument("--log-json", action="store_true", default=None, help="JSON log lines even on a terminal")
     return p
@@ -44,10 +48,13 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
     environ = dict(os.environ if env is None else env)
     for flag, var in (("host", "LOCAL_WS_HOST"), ("port", "LOCAL_WS_PORT"), ("stt_model", "LOCAL_STT_MODEL_PATH"),
                       ("llm_model", "LOCAL_LLM_MODEL_PATH"), ("tts_model", "LOCAL_TTS_MODEL_PATH"),
-                      ("llm_workers", "LOCAL_LLM_WORKERS"), ("log_level", "LOCAL_LOG_LEVEL")):
+                      ("llm_workers", "LOCAL_LLM_WORKERS"), ("log_level", "LOCAL_LOG_LEVEL"),
+                      ("wyoming_uri", "LOCAL_WYOMING_URI")):
         value = getattr(args, flag)
         if value is not None:
             environ[var] = str(value)
+    if args.wyoming_zeroconf is not None:
+        environ["LOCAL_WYOMING_ZEROCONF"] = args.wyoming_zeroconf or "1"
     models_dir = args.models_dir or (Path(environ["LOCAL_MODELS_DIR"]) if environ.get("LOCAL_MODELS_DIR")
                                      else default_models_dir())
     models_dir = models_dir.expanduser().resolve()
@@ -104,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
              llm=str(cfg.llm.model_path) if cfg.llm.model_path else None,
              tts=str(cfg.tts.model_path) if cfg.tts.model_path else None,
              llm_threads=cfg.llm.threads, stt_threads=cfg.stt.threads, tts_threads=cfg.tts.threads,
-             auth=cfg.auth_token is not None, malloc_arenas=arenas)
+             auth=cfg.auth_token is not None, malloc_arenas=arenas,
+             wyoming=str(cfg.wyoming_uri) if cfg.wyoming_uri else None)
     from .server import run
 
     try:

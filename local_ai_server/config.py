@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .wyoming_uri import WyomingUri, parse_uri
+
 DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly voice assistant on a phone call. "
     "Answer in one to three short, plain sentences that sound natural when spoken aloud. "
@@ -120,6 +122,12 @@ class ServerConfig:
     log_json: bool | None = None
     allow_any_model_path: bool = False
     missing: tuple[str, ...] = field(default_factory=tuple)
+    # The Wyoming front (Home Assistant): off unless a listen address is given.
+    wyoming_uri: WyomingUri | None = None
+    # Announce it over zeroconf under this name ("" for the machine's MAC address); None: no announcement.
+    wyoming_zeroconf: str | None = None
+    # Stream conversation answers as handled-chunk events (Home Assistant's own client reads one event).
+    wyoming_handle_streaming: bool = False
 
 
 class ConfigError(ValueError):
@@ -254,6 +262,12 @@ def from_env(
     tts_model = _path(env, "LOCAL_TTS_MODEL_PATH") or sel.get("tts")
     tts = TtsConfig(model_path=tts_model, threads=_int(env, "LOCAL_TTS_THREADS", tts_threads, 1))
     host = _get(env, "LOCAL_WS_HOST") or "127.0.0.1"
+    wyoming = _get(env, "LOCAL_WYOMING_URI")
+    try:
+        wyoming_uri = parse_uri(wyoming) if wyoming is not None else None
+    except ValueError as exc:
+        raise ConfigError(f"LOCAL_WYOMING_URI: {exc}") from None
+    zeroconf = env.get("LOCAL_WYOMING_ZEROCONF")
     json_env = _get(env, "LOCAL_LOG_JSON")
     return ServerConfig(
         host=host,
@@ -276,6 +290,10 @@ def from_env(
         log_level=(_get(env, "LOCAL_LOG_LEVEL") or "info").lower(),
         log_json=None if json_env is None else _bool(env, "LOCAL_LOG_JSON", False),
         allow_any_model_path=_bool(env, "LOCAL_ALLOW_ANY_MODEL_PATH", False),
+        wyoming_uri=wyoming_uri,
+        wyoming_zeroconf=None if zeroconf is None or zeroconf.strip().lower() in ("", "0", "false", "no", "off")
+        else ("" if zeroconf.strip().lower() in ("1", "true", "yes", "on") else zeroconf.strip()),
+        wyoming_handle_streaming=_bool(env, "LOCAL_WYOMING_HANDLE_STREAMING", False),
     )
 
 

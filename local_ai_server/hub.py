@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -26,6 +27,11 @@ class Hub:
         self.calls = 0  # connections open now
         self.started = time.monotonic()
         self._admin_task: asyncio.Task[Any] | None = None
+        self._session_ids = itertools.count(1)
+
+    def new_session_id(self) -> int:
+        """A number for a new connection's session, unique across every front."""
+        return next(self._session_ids)
 
     def uptime(self) -> float:
         """Seconds since start."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import signal
 import ssl
@@ -29,12 +28,12 @@ from .outbox import ConnectionOutbox
 from .runtime import Engines
 from .session import Session
 from .tasks import TaskOwner
+from .wyoming_server import WyomingListener
 
 log = structlog.get_logger(__name__)
 
 # Received frames a connection may have waiting to be handled, in bytes of the largest frame allowed.
 RECEIVE_QUEUE_BYTES = 64 * 1024 * 1024
-_session_ids = itertools.count(1)
 
 
 class AnsweringProtocol(ServerProtocol):
@@ -80,6 +79,7 @@ class VoiceServer:
         self.hub = Hub(cfg)
         self.fronts: set[AvaFront] = set()
         self._server: Server | None = None
+        self.wyoming: WyomingListener | None = None
 
     @property
     def engines(self) -> Engines:
@@ -122,8 +122,13 @@ class VoiceServer:
             tasks.spawn(self.engines.start(), name="load-models")
             tasks.spawn(self._watch_loop_lag(), name="loop-lag")
             tasks.spawn(self._trim_memory(), name="trim-memory")
+            if self.cfg.wyoming_uri is not None:
+                self.wyoming = WyomingListener(self.hub, self.cfg.wyoming_uri)
+                await self.wyoming.start()
             await stop
             log.info("server.stopping", sessions=len(self.fronts))
+            if self.wyoming is not None:
+                await self.wyoming.close()
             server.close(close_connections=True)  # 1001 going away
             try:
                 await asyncio.wait_for(server.wait_closed(), timeout=5)
@@ -184,7 +189,7 @@ class VoiceServer:
 
     async def _handler(self, ws: ServerConnection) -> None:
         """One connection: its front, its writer, its frames; every task it starts ends with it."""
-        session = Session(id=next(_session_ids), max_history_turns=self.cfg.llm.history_turns)
+        session = Session(id=self.hub.new_session_id(), max_history_turns=self.cfg.llm.history_turns)
         session.authenticated = self.cfg.auth_token is None
         async with TaskOwner(f"session-{session.id}") as tasks:
             outbox = ConnectionOutbox(ws, self.cfg.send_queue_max, tasks, self.cfg.send_buffer_bytes)

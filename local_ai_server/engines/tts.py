@@ -25,7 +25,11 @@ class PiperTts:
         if not model_path.is_file() or not config_path.is_file():
             raise FileNotFoundError("TTS voice (.onnx and .onnx.json) not found")
         with open(config_path, encoding="utf-8") as fh:
-            config = PiperConfig.from_dict(json.load(fh))
+            raw = json.load(fh)
+        config = PiperConfig.from_dict(raw)
+        # The voice's language as its card names it ("en_US"): what a client picking a voice matches.
+        language = raw.get("language", {}).get("code") if isinstance(raw.get("language"), dict) else None
+        self.language: str | None = language if isinstance(language, str) else None
         opts = onnxruntime.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -24,13 +24,15 @@ def answer(request: Request, hub: Hub) -> Response | None:
             return json_response(HTTPStatus.BAD_REQUEST, {"status": "bad_request",
                                                           "message": "more than one Upgrade header"})
         return None  # the WebSocket handshake, checked by websockets itself
-    if request.method not in ("GET", "HEAD"):
+    # websockets < 17 parses only GET (its Request has no `method`): other methods never get this far there.
+    method = getattr(request, "method", "GET")
+    if method not in ("GET", "HEAD"):
         status = HTTPStatus.METHOD_NOT_ALLOWED if path in PROBES else HTTPStatus.NOT_FOUND
         response = json_response(status, {"status": status.phrase.lower().replace(" ", "_")})
         response.headers["Allow"] = "GET, HEAD"
         return response
     response = probe(path, hub)
-    if request.method == "HEAD":
+    if method == "HEAD":
         # The headers of the GET (Content-Length included), without its body.
         return Response(response.status_code, response.reason_phrase, response.headers, b"")
     return response

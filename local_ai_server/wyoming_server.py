@@ -128,9 +128,18 @@ class WyomingListener:
         except ImportError:
             log.error("wyoming.zeroconf_missing", hint="pip install 'local-ai-server[zeroconf]'")
             return
+        if is_loopback(self.uri.host):
+            log.warning("wyoming.zeroconf_loopback", host=self.uri.host,
+                        hint="announced, but only this machine can connect; listen on 0.0.0.0 for Home Assistant")
+        # On every interface: announce the address other machines reach this one at (found by the package).
         host = None if self.uri.host in ("0.0.0.0", "::", "") else self.uri.host
-        self._zeroconf = HomeAssistantZeroconf(port=port, name=name, host=host)
-        await self._zeroconf.register_server()
+        try:
+            self._zeroconf = HomeAssistantZeroconf(port=port, name=name, host=host)
+            await self._zeroconf.register_server()
+        except OSError as exc:  # no network route or no multicast: serve on, unannounced
+            log.error("wyoming.zeroconf_failed", error=str(exc))
+            self._zeroconf = None
+            return
         log.info("wyoming.zeroconf", name=self._zeroconf.name, host=self._zeroconf.host, port=port)
 
     async def close(self) -> None:

@@ -274,3 +274,27 @@ async def test_unix_socket_and_streamed_conversation_answers(models_dir: Path, t
     finally:
         assert srv.stop() == 0, srv.logs()[-3000:]
     assert not path.exists()  # the socket file is removed at shutdown
+
+
+# ---------------------------------------------------------------------- zeroconf
+
+
+async def test_zeroconf_announces_the_service_where_home_assistant_finds_it(models_dir: Path, tmp_path: Path) -> None:
+    from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+    port = free_port()
+    name = f"las-test-{port}"
+    srv = start_server(tmp_path, models_dir, env={"LOCAL_WYOMING_URI": f"tcp://0.0.0.0:{port}",
+                                                  "LOCAL_WYOMING_ZEROCONF": name})
+    browser = AsyncZeroconf()
+    try:
+        # As Home Assistant's discovery does: the service type, then the address and port it names.
+        info = AsyncServiceInfo("_wyoming._tcp.local.", f"{name}._wyoming._tcp.local.")
+        assert await info.async_request(browser.zeroconf, 10_000), srv.tail()
+        assert info.port == port and info.parsed_addresses()
+        async with AsyncTcpClient(info.parsed_addresses()[0], info.port) as c:
+            await c.write_event(Describe().event())
+            assert Info.is_type((await read_until(c, "info"))[-1].type)
+    finally:
+        await browser.async_close()
+        assert srv.stop() == 0, srv.logs()[-3000:]

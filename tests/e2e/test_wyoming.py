@@ -298,3 +298,33 @@ async def test_zeroconf_announces_the_service_where_home_assistant_finds_it(mode
     finally:
         await browser.async_close()
         assert srv.stop() == 0, srv.logs()[-3000:]
+
+
+async def test_shutdown_ends_open_wyoming_connections_cleanly(models_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    srv = start_server(tmp_path, models_dir, env={"LOCAL_WYOMING_URI": f"tcp://127.0.0.1:{port}"})
+    try:
+        async with AsyncTcpClient("127.0.0.1", port) as c:
+            # A streamed synthesis left open (its text never ends) and a transcription half sent.
+            await c.write_event(SynthesizeStart().event())
+            await c.write_event(SynthesizeChunk(text="This sentence never").event())
+            await c.write_event(AudioStart(rate=16000, width=2, channels=1).event())
+            await c.write_event(AudioChunk(rate=16000, width=2, channels=1, audio=b"\x00\x01" * 1600).event())
+            code = await asyncio.to_thread(srv.stop)
+            assert code == 0, srv.logs()[-3000:]
+            assert await asyncio.wait_for(c.read_event(), TIMEOUT) is None  # closed, not left hanging
+    finally:
+        srv.stop()
+    assert not [e for e in srv.log_events() if e.get("event") in ("task.failed", "tasks.not_stopped")]
+
+
+async def test_describe_is_answered_while_a_long_synthesis_runs(wy: ServerProc) -> None:
+    async with client(wy) as c:
+        await c.write_event(Synthesize(text=" ".join([TWO_SENTENCES] * 8)).event())
+        await c.write_event(Describe().event())
+        events = await read_until(c, "audio-stop")
+        types = [e.type for e in events]
+        if "info" not in types:
+            types += [e.type for e in await read_until(c, "info")]
+    # Not queued behind the synthesis: it came before the synthesis ended.
+    assert types.index("info") < types.index("audio-stop")

@@ -18,6 +18,8 @@ __all__ = [
     "SUPPORTED_INPUT_RATES",
     "SUPPORTED_OUTPUT",
     "StreamResampler",
+    "alaw_decode",
+    "alaw_encode",
     "encode_output",
     "float32_to_pcm16",
     "is_silent",
@@ -121,6 +123,52 @@ def mulaw_encode(pcm16: bytes) -> bytes:
 def mulaw_decode(data: bytes) -> bytes:
     """Decode G.711 mu-law bytes to little-endian PCM16."""
     return _ULAW_DECODE[np.frombuffer(data, dtype=np.uint8)].tobytes()
+
+
+# ---------------------------------------------------------------------------
+# G.711 A-law (ITU-T G.711: 13-bit magnitude, 8 segments, even bits inverted with 0x55)
+# ---------------------------------------------------------------------------
+
+# Upper bound of each segment of the 13-bit magnitude.
+_ALAW_SEG_END: Final[np.ndarray] = np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF])
+
+
+def _build_alaw_decode_table() -> np.ndarray:
+    """Return the 256-entry code -> int16 table."""
+    a = np.arange(256, dtype=np.int32) ^ 0x55
+    seg = (a & 0x70) >> 4
+    t = ((a & 0x0F) << 4) + np.where(seg == 0, 8, 0x108)
+    t = np.where(seg > 1, t << np.maximum(seg - 1, 0), t)
+    return np.where(a & 0x80, t, -t).astype("<i2")
+
+
+def _build_alaw_encode_table() -> np.ndarray:
+    """Return the 65536-entry table indexed by the uint16 view of an int16 sample."""
+    x = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.int16).astype(np.int32) >> 3
+    # Sign-magnitude again: negative samples code the magnitude of -x - 1 with the sign bit clear.
+    mask = np.where(x >= 0, 0xD5, 0x55)
+    mag = np.where(x >= 0, x, -x - 1)
+    seg = np.searchsorted(_ALAW_SEG_END, mag, side="left").astype(np.int32)
+    shift = np.where(seg < 2, 1, seg)
+    aval = (np.minimum(seg, 7) << 4) | ((mag >> shift) & 0x0F)
+    aval = np.where(seg >= 8, 0x7F, aval)  # past the last segment: clipped to the largest code
+    return (aval ^ mask).astype(np.uint8)
+
+
+_ALAW_DECODE: Final[np.ndarray] = _build_alaw_decode_table()
+_ALAW_ENCODE: Final[np.ndarray] = _build_alaw_encode_table()
+
+
+def alaw_encode(pcm16: bytes) -> bytes:
+    """Encode little-endian PCM16 to G.711 A-law bytes (one byte per sample)."""
+    if len(pcm16) % 2:
+        raise ValueError("PCM16 data must have an even number of bytes")
+    return _ALAW_ENCODE[np.frombuffer(pcm16, dtype="<u2")].tobytes()
+
+
+def alaw_decode(data: bytes) -> bytes:
+    """Decode G.711 A-law bytes to little-endian PCM16."""
+    return _ALAW_DECODE[np.frombuffer(data, dtype=np.uint8)].tobytes()
 
 
 # ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import signal
 import ssl
 import time
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -21,6 +21,8 @@ from websockets.typing import Origin
 from . import probes
 from .config import ServerConfig
 from .fronts.ava import AvaFront
+from .fronts.realtime import RealtimeFront
+from .fronts.realtime_input import authorized, is_realtime_path, model_of
 from .heap import malloc_trim
 from .hub import Hub
 from .metrics import Metrics
@@ -71,13 +73,23 @@ class GuardedConnection(ServerConnection):
             transport.abort()
 
 
+class Front(Protocol):
+    """What the server needs of a connection's front."""
+
+    remote: str | None
+
+    async def on_frame(self, frame: str | bytes) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class VoiceServer:
     """Accepts connections, routes each to the front of its path, pumps its frames, shuts down."""
 
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
         self.hub = Hub(cfg)
-        self.fronts: set[AvaFront] = set()
+        self.fronts: set[Front] = set()
         self._server: Server | None = None
         self.wyoming: WyomingListener | None = None
 
@@ -180,6 +192,12 @@ class VoiceServer:
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """HTTP on the WebSocket port: probes, and a 4xx (never a 5xx) for anything malformed."""
         try:
+            if is_realtime_path(request.path) and not authorized(request.headers, self.cfg.auth_token):
+                # OpenAI's clients authenticate on the handshake (a bearer token), not in a message.
+                log.warning("auth.failed", front="realtime", remote=_remote(connection))
+                return probes.json_response(HTTPStatus.UNAUTHORIZED, {"error": {
+                    "type": "invalid_request_error", "code": "invalid_api_key",
+                    "message": "missing or wrong bearer token (Authorization header)"}})
             return probes.answer(request, self.hub)
         except Exception:  # noqa: BLE001 - a request we cannot make sense of is the client's error
             log.warning("http.bad_request", path=request.path[:80], exc_info=True)
@@ -195,8 +213,14 @@ class VoiceServer:
             outbox = ConnectionOutbox(ws, self.cfg.send_queue_max, tasks, self.cfg.send_buffer_bytes)
             if isinstance(ws, GuardedConnection):
                 ws.outbox = outbox
-            # Every path speaks AVA's protocol today (its clients connect to "/" or to a path of their own).
-            front = AvaFront(self.hub, session, outbox, tasks, ws.close, remote=_remote(ws))
+            path = ws.request.path if ws.request else "/"
+            front: Front
+            if is_realtime_path(path):  # checked at the handshake: authenticated already
+                front = RealtimeFront(self.hub, session, outbox, tasks, ws.close, remote=_remote(ws),
+                                      model=model_of(path))
+            else:
+                # Every other path speaks AVA's protocol (its clients connect to "/" or to a path of their own).
+                front = AvaFront(self.hub, session, outbox, tasks, ws.close, remote=_remote(ws))
             self.fronts.add(front)
             writer = tasks.spawn(_write(outbox), name="writer")
             self.hub.calls += 1

@@ -27,6 +27,9 @@ class Session:
     output_sample_rate_hz: int | None = None
     segment_energy_threshold: int | None = None
     segment_silence_ms: int | None = None
+    # Speech probability that opens an utterance, and audio kept from before it (None: server defaults).
+    segment_vad_threshold: float | None = None
+    segment_preroll_ms: int | None = None
     input_rate: int = 16000
     input_format: str = "pcm16le"
     authenticated: bool = False

@@ -80,6 +80,9 @@ class Segmenter:
     def update(self, settings: SegmenterSettings) -> None:
         """Change thresholds mid-stream (set_mode)."""
         self.settings = settings
+        keep = max(1, int(settings.preroll_ms / WINDOW_MS))
+        if keep != self._preroll.maxlen:
+            self._preroll = collections.deque(self._preroll, maxlen=keep)
 
     @property
     def speech_ms(self) -> float:
@@ -144,6 +147,11 @@ class Segmenter:
             self._end("silence", events)
         elif self.utterance_ms >= s.max_utterance_s * 1000:
             self._end("max_length", events)
+
+    @property
+    def clock_ms(self) -> float:
+        """Audio consumed so far, in whole windows."""
+        return self._clock_ms
 
     @property
     def silence_ms(self) -> float:

@@ -7,7 +7,7 @@ from typing import Any
 from .. import protocol as P
 from ..outbox import ConnectionOutbox
 from ..session import Session
-from ..voice.events import Answer, Event, Failure, Speech, Synthesized, Token, ToolCalls, Transcribed
+from ..voice.events import Answer, Event, Failure, Speech, Synthesized, Token, ToolCalls, Transcribed, VoiceActivity
 from ..voice.turn import Turn
 
 
@@ -54,6 +54,8 @@ class AvaSink:
 
     def data(self, event: Event, turn: Turn | None = None) -> None:
         """Ordered output; a Speech goes as its header and binary frame, back to back."""
+        if isinstance(event, VoiceActivity):
+            return  # AVA has no message for it: its clients learn of speech from stt_result
         msg = render(event, self.session.call_id)
         if isinstance(event, Speech) and turn is not None:
             self.outbox.send_audio(msg, event.audio, turn)

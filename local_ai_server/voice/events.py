@@ -77,10 +77,22 @@ class ToolCalls:
 
 
 @dataclass(frozen=True)
+class VoiceActivity:
+    """The caller started or stopped speaking, `audio_ms` into the call's audio.
+
+    A stop with `transcribed` False ended an utterance too short to keep (noise): no transcript follows it.
+    """
+
+    started: bool
+    audio_ms: int
+    transcribed: bool = True
+
+
+@dataclass(frozen=True)
 class Failure:
     """An error the requester must hear about; never a traceback or a path."""
 
     error: ServerError
 
 
-Event = Transcribed | Token | Answer | Speech | Synthesized | ToolCalls | Failure
+Event = Transcribed | Token | Answer | Speech | Synthesized | ToolCalls | VoiceActivity | Failure

@@ -76,6 +76,7 @@ def segmenter_settings(session: Session, cfg: SttConfig) -> SegmenterSettings:
         silence_ms=s.segment_silence_ms if s.segment_silence_ms is not None else cfg.silence_ms,
         energy_threshold=(s.segment_energy_threshold if s.segment_energy_threshold is not None
                           else cfg.energy_threshold),
-        vad_threshold=cfg.vad_threshold,
+        vad_threshold=s.segment_vad_threshold if s.segment_vad_threshold is not None else cfg.vad_threshold,
         max_utterance_s=cfg.max_utterance_s,
+        **({"preroll_ms": s.segment_preroll_ms} if s.segment_preroll_ms is not None else {}),
     )

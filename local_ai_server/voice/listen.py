@@ -20,7 +20,7 @@ from ..metrics import Metrics
 from ..session import Session
 from ..tasks import TaskOwner
 from ..vad import Segmenter, UtteranceEnd, UtteranceStart
-from .events import Transcribed
+from .events import Transcribed, VoiceActivity
 from .frames import Final, Frame, FrameDecoder, segmenter_settings
 from .ports import Engines, Sink
 
@@ -78,6 +78,7 @@ class Listener:
         self._last_partial_at_ms = 0.0
         self._audio_since_final = False
         self._stt_unavailable_sent = False
+        self._speaking = False  # a VoiceActivity start was sent and its stop not yet
         self.closed = False
 
     # ------------------------------------------------------------------ intake
@@ -171,16 +172,20 @@ class Listener:
                 continue
             for ev in events:
                 if isinstance(ev, UtteranceStart):
+                    self._voice_activity(True, ev.at_ms)
                     self._utterance_no += 1
                     self._last_partial_text = ""
                     self._last_partial_at_ms = 0.0
                 elif isinstance(ev, UtteranceEnd):
+                    self._voice_activity(False, ev.at_ms)
                     if ev.reason == "max_length":
                         # Transcribe what was said, but tell the client its utterance hit the cap.
                         self.answering.error(PayloadTooLarge(
                             f"utterance longer than {self.cfg.max_utterance_s:g} s; it was cut there",
                             request_id=frame.request_id))
                     self._queue_final(ev, frame.mode, frame.request_id)
+            if self._speaking and not self._segmenter.in_speech:
+                self._voice_activity(False, self._segmenter.clock_ms, transcribed=False)
             self._drop_stale_guess()
             self._maybe_transcribe_early(frame.mode, frame.request_id)
             self._maybe_partial(frame.mode, frame.request_id)
@@ -210,10 +215,20 @@ class Listener:
         """No audio for the idle timeout: end the utterance in progress (or send an empty stt final)."""
         assert self._segmenter is not None
         ev = self._segmenter.flush()
+        if self._speaking:
+            self._voice_activity(False, ev.at_ms if ev is not None else self._segmenter.clock_ms,
+                                 transcribed=ev is not None)
         mode = self.session.mode
         if ev is not None or mode == "stt":
             self._queue_final(ev, mode, None)
         self._audio_since_final = False
+
+    def _voice_activity(self, started: bool, at_ms: float, transcribed: bool = True) -> None:
+        """Tell the sink the caller started or stopped speaking (a start after a start closes a dropped one)."""
+        if started and self._speaking:
+            self.sink.data(VoiceActivity(False, int(at_ms), transcribed=False))
+        self._speaking = started
+        self.sink.data(VoiceActivity(started, int(at_ms), transcribed))
 
     # ------------------------------------------------------------------ early transcription and guesses
 
@@ -351,3 +366,4 @@ class Listener:
         self._early = None
         self._utterance_no += 1
         self._audio_since_final = False
+        self._speaking = False  # the utterance in progress is forgotten unheard

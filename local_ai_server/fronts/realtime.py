@@ -1,0 +1,390 @@
+"""OpenAI Realtime API (`/v1/realtime`): client events in, calls on the voice core, GA server events out.
+
+The core listens in its "stt" mode: it segments and transcribes, and this front decides when a response
+is made (server_vad's create_response, or the client's response.create). A response is one core turn of
+kind "realtime" whose request id is the response's id, so every event of the core finds its response.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+
+from ..errors import ProtocolError, ServerError
+from ..hub import Hub
+from ..outbox import ConnectionOutbox
+from ..session import Session
+from ..tasks import TaskOwner
+from ..vad import SegmenterSettings
+from ..voice.call import Call
+from ..voice.events import Answer, Event, Failure, Speech, Token, Transcribed, VoiceActivity
+from ..voice.turn import Turn
+from . import realtime_render as R
+from .realtime_input import CORE_OUT, ManualBuffer, core_input, to_16k
+from .realtime_parse import (
+    AudioAppend,
+    AudioClear,
+    AudioCommit,
+    ClientEvent,
+    Invalid,
+    ItemCreate,
+    ItemTruncate,
+    Limits,
+    ResponseCancel,
+    ResponseCreate,
+    SessionConfig,
+    SessionUpdate,
+    decode,
+    event_id_of,
+    parse,
+)
+
+log = structlog.get_logger(__name__)
+
+BIG_FRAME = 256 * 1024  # text frames longer than this are JSON-decoded on a thread
+BIG_AUDIO_B64 = 64 * 1024  # base64 audio longer than this is decoded on a thread
+MAX_BUFFER_S = 120.0  # audio a manual turn may hold before its commit
+MIN_COMMIT_S = 0.1  # OpenAI refuses to commit less than 100 ms
+KEEP_ITEMS = 64  # assistant items remembered for conversation.item.truncate
+
+Closer = Callable[[int, str], Awaitable[None]]
+
+
+class RealtimeFront:
+    """One Realtime connection: a session, its conversation as the core's history, one response at a time."""
+
+    def __init__(self, hub: Hub, session: Session, outbox: ConnectionOutbox, tasks: TaskOwner, close: Closer,
+                 remote: str | None = None, model: str | None = None) -> None:
+        self.hub = hub
+        self.session = session
+        self.out = outbox
+        self.remote = remote
+        self._close = close
+        self.ids = R.Ids()
+        self.limits = Limits(max_text_chars=hub.cfg.max_text_chars)
+        self.cfg = SessionConfig()
+        status = hub.engines.model_status()
+        self.about = R.About(session_id=self.ids.new("sess"), model=model or status["llm"]["display"] or "local",
+                             voice=status["tts"]["display"] or "none",
+                             transcription_model=status["stt"]["display"] or "none")
+        self.vad = R.VadDefaults(hub.cfg.stt.vad_threshold, SegmenterSettings().preroll_ms, hub.cfg.stt.silence_ms)
+        session.mode = "stt"  # the core transcribes; this front decides when to answer
+        session.authenticated = True  # the handshake was checked (server.py)
+        self.call = Call(session, hub.engines, R.ForwardingSink(self.on_core_event), hub.cfg, hub.metrics, tasks)
+        self.response: R.Response | None = None
+        self._response_epoch = 0
+        self._context_turn = False  # the response runs on a context: the front keeps its history
+        self._respond_after = False  # a turn ended while a response ran: answer it when that one is done
+        self._pending_user: list[str] = []  # user texts added since the last response
+        self._last_item: str | None = None
+        self._assistant_items: collections.deque[str] = collections.deque(maxlen=KEEP_ITEMS)
+        self._vad_item: str | None = None  # the utterance in progress
+        self._partial = ""  # its transcript as sent in deltas
+        self._awaiting: collections.deque[str] = collections.deque(maxlen=KEEP_ITEMS)  # stopped, not transcribed
+        self._manual = ManualBuffer(MAX_BUFFER_S)
+        self._closed = False
+        self._apply_session()
+        self._send(self._event("session.created", session=self._session_object()))
+        log.info("realtime.session_open", session=session.id, remote=remote, model=self.about.model)
+
+    # ------------------------------------------------------------------ frames in
+
+    async def on_frame(self, frame: str | bytes) -> None:
+        """One client event: applied and answered, or answered with an `error` and nothing changed."""
+        obj: dict[str, Any] | None = None
+        try:
+            if isinstance(frame, bytes):
+                raise Invalid("binary frames are not supported: send JSON events", code="invalid_event")
+            obj = (await self.hub.engines.run_aux(decode, frame)) if len(frame) > BIG_FRAME else decode(frame)
+            await self._dispatch(parse(obj, self.limits))
+        except Invalid as err:
+            self._error(R.invalid(self.ids, err))
+        except ServerError as err:
+            self.hub.metrics.errors.labels(err.code).inc()
+            kind = "invalid_request_error" if isinstance(err, ProtocolError) else "server_error"
+            self._error(R.error(self.ids, err.message, code=err.code, kind=kind,
+                                client_event_id=event_id_of(obj) if obj else None))
+        except Exception:  # noqa: BLE001 - every failure is answered, none ends the session
+            log.error("realtime.event_failed", session=self.session.id, exc_info=True)
+            self._error(R.error(self.ids, "internal error while handling the event", code="internal",
+                                kind="server_error", client_event_id=event_id_of(obj) if obj else None))
+
+    async def close(self) -> None:
+        """The connection ended: end the call and everything it started."""
+        self._closed = True
+        await self.call.close()
+
+    async def _dispatch(self, ev: ClientEvent) -> None:
+        if isinstance(ev, SessionUpdate):
+            before = self.cfg
+            self.cfg = ev.patch.apply(before)
+            if (before.turn_detection is None) != (self.cfg.turn_detection is None):
+                self._reset_input()  # audio taken for one way of turn-taking is not carried into the other
+            self._apply_session()
+            self._send(self._event("session.updated", session=self._session_object()))
+        elif isinstance(ev, AudioAppend):
+            await self._append(ev)
+        elif isinstance(ev, AudioCommit):
+            await self._commit(ev)
+        elif isinstance(ev, AudioClear):
+            self._reset_input()
+            self._send(self._event("input_audio_buffer.cleared"))
+        elif isinstance(ev, ItemCreate):
+            item_id = self.ids.new("item")
+            item, previous = R.user_item(item_id, text=ev.text), self._previous(item_id)
+            self._send(self._event("conversation.item.added", previous_item_id=previous, item=item))
+            self._send(self._event("conversation.item.done", previous_item_id=previous, item=item))
+            self._pending_user.append(ev.text)
+        elif isinstance(ev, ResponseCreate):
+            if self.response is not None and not self.response.closed:
+                raise Invalid(f"the conversation already has an active response ({self.response.id})",
+                              code="conversation_already_has_active_response", event_id=ev.event_id)
+            self._start_response(ev.instructions, ev.audio_output, ev.out_of_band)
+        elif isinstance(ev, ResponseCancel):
+            resp = self.response
+            if resp is None or resp.closed or (ev.response_id is not None and ev.response_id != resp.id):
+                raise Invalid("there is no active response to cancel", code="response_cancel_not_active",
+                              param="response_id", event_id=ev.event_id)
+            self._cancel_response("client_cancelled")
+        elif isinstance(ev, ItemTruncate):
+            if ev.item_id not in self._assistant_items:
+                raise Invalid(f"no assistant item {ev.item_id[:64]!r} to truncate", param="item_id",
+                              event_id=ev.event_id)
+            # The history keeps the answer's text as generated: the voice core has no word timings to cut it.
+            self._send(self._event("conversation.item.truncated", item_id=ev.item_id, content_index=ev.content_index,
+                                   audio_end_ms=ev.audio_end_ms))
+
+    # ------------------------------------------------------------------ session
+
+    def _session_object(self) -> dict[str, Any]:
+        return R.session_object(self.cfg, self.about, self.vad)
+
+    def _apply_session(self) -> None:
+        """The session's settings onto the core's session: prompt, output format, segmentation."""
+        s, td = self.session, self.cfg.turn_detection
+        s.system_prompt = self.cfg.instructions
+        s.output_encoding, s.output_sample_rate_hz = CORE_OUT[self.cfg.output_format]
+        s.segment_silence_ms = td.silence_duration_ms if td is not None else None
+        s.segment_vad_threshold = td.threshold if td is not None else None
+        s.segment_preroll_ms = td.prefix_padding_ms if td is not None else None
+        self.call.settings_changed()
+
+    # ------------------------------------------------------------------ input audio
+
+    async def _append(self, ev: AudioAppend) -> None:
+        raw = (await self.hub.engines.run_aux(ev.audio)) if len(ev.audio_b64) > BIG_AUDIO_B64 else ev.audio()
+        payload, fmt, rate = core_input(self.cfg.input_format, raw)
+        if fmt == "pcm16le" and len(payload) % 2:
+            raise Invalid("audio/pcm audio must have an even number of bytes", param="audio", event_id=ev.event_id)
+        if self.cfg.turn_detection is not None:
+            self.call.accept_audio(payload, fmt, rate, ev.event_id)
+        elif not self._manual.add(payload, fmt, rate):
+            raise Invalid(f"the input audio buffer holds at most {MAX_BUFFER_S:g} s: commit it first",
+                          code="input_audio_buffer_full", param="audio", event_id=ev.event_id)
+
+    async def _commit(self, ev: AudioCommit) -> None:
+        if self.cfg.turn_detection is not None:
+            raise Invalid("with server_vad turn detection the server commits the audio itself; set "
+                          "turn_detection to null to commit by hand", param="type", event_id=ev.event_id)
+        seconds = self._manual.seconds
+        if seconds < MIN_COMMIT_S:
+            raise Invalid(f"buffer too small: at least {MIN_COMMIT_S * 1000:g} ms of audio is needed, "
+                          f"{seconds * 1000:.0f} ms are buffered", code="input_audio_buffer_commit_empty",
+                          event_id=ev.event_id)
+        segments = self._manual.take()
+        item_id = self._committed(self.ids.new("item"))
+        # Transcribed before the next event is read: a response.create right after the commit answers it.
+        engines = self.hub.engines
+        try:
+            audio = await engines.run_aux(to_16k, segments)
+            text = (await engines.transcribe(audio, "final")).text.strip()
+        except ServerError as err:
+            self._heard(item_id, "", err.code, err.message)
+            return
+        log.info("realtime.committed", session=self.session.id, audio_s=round(seconds, 2), chars=len(text))
+        self._heard(item_id, text)
+
+    def _reset_input(self) -> None:
+        self._manual.clear()
+        self.call.stop_speech()
+        self._vad_item, self._partial = None, ""
+
+    def _committed(self, item_id: str) -> str:
+        """input_audio_buffer.committed and the user item it becomes (its transcript still to come)."""
+        previous = self._previous(item_id)
+        self._send(self._event("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id))
+        self._send(self._event("conversation.item.added", previous_item_id=previous,
+                               item=R.user_item(item_id, transcript=None, status="in_progress")))
+        return item_id
+
+    def _heard(self, item_id: str, text: str, code: str | None = None, message: str = "") -> None:
+        """A user audio item's transcript (or why there is none)."""
+        if code is not None:
+            self._send(self._event("conversation.item.input_audio_transcription.failed", item_id=item_id,
+                                   content_index=0, error={"type": "server_error", "code": code, "message": message}))
+        else:
+            self._send(self._event("conversation.item.input_audio_transcription.completed", item_id=item_id,
+                                   content_index=0, transcript=text, usage={"type": "duration", "seconds": 0}))
+        self._send(self._event("conversation.item.done", previous_item_id=None,
+                               item=R.user_item(item_id, transcript=text)))
+        if text:
+            self._pending_user.append(text)
+
+    # ------------------------------------------------------------------ what the core says
+
+    def on_core_event(self, event: Event, turn: Turn | None) -> None:
+        """One core event as Realtime events, for the response (or the user item) it belongs to."""
+        if self._closed:
+            return
+        resp = self.response if self.response is not None and not self.response.closed else None
+        mine = resp is not None and getattr(event, "request_id", None) == resp.id
+        if isinstance(event, Token):
+            msg = resp.text_delta(event.delta, event.tokens) if resp is not None and mine else None
+            if msg is not None:
+                self.out.send_data(msg, turn)
+        elif isinstance(event, Speech):
+            if resp is not None and mine:
+                for msg in resp.audio_deltas(event.audio):
+                    self.out.send_data(msg, turn)
+        elif isinstance(event, Answer):
+            if resp is not None and mine:
+                self._finish(resp, "completed")
+        elif isinstance(event, Transcribed):
+            self._transcribed(event)
+        elif isinstance(event, VoiceActivity):
+            self._voice_activity(event)
+        elif isinstance(event, Failure):
+            err = event.error
+            if self.response is not None and err.request_id == self.response.id:
+                # A response's failure is told by its response.done (and its cancellation was told already).
+                if resp is not None:
+                    self._finish(resp, "failed", R.failed_details(err.code, err.message))
+                return
+            # Not of a response: an audio frame refused, an utterance cut at the cap, an engine error.
+            rid = err.request_id if isinstance(err.request_id, str) else None
+            kind = "invalid_request_error" if isinstance(err, ProtocolError) else "server_error"
+            self._error(R.error(self.ids, err.message, code=err.code, kind=kind, client_event_id=rid))
+
+    def _voice_activity(self, ev: VoiceActivity) -> None:
+        td = self.cfg.turn_detection
+        if ev.started:
+            self._vad_item, self._partial = self.ids.new("item"), ""
+            self._send(self._event("input_audio_buffer.speech_started", audio_start_ms=ev.audio_ms,
+                                   item_id=self._vad_item))
+            if td is not None and td.interrupt_response:
+                self._cancel_response("turn_detected")
+        elif self._vad_item is not None:
+            self._send(self._event("input_audio_buffer.speech_stopped", audio_end_ms=ev.audio_ms,
+                                   item_id=self._vad_item))
+            if ev.transcribed:
+                self._awaiting.append(self._vad_item)
+            self._vad_item, self._partial = None, ""
+
+    def _transcribed(self, ev: Transcribed) -> None:
+        if not ev.final:
+            # Partials re-transcribe the whole utterance: only a continuation of what was sent is a delta.
+            text = ev.text
+            if self._vad_item is not None and text.startswith(self._partial) and len(text) > len(self._partial):
+                delta, self._partial = text[len(self._partial):], text
+                self._send(self._event("conversation.item.input_audio_transcription.delta", item_id=self._vad_item,
+                                       content_index=0, delta=delta))
+            return
+        if not self._awaiting:
+            if ev.error is not None:  # audio arrived, and there is no model to hear it
+                self._error(R.error(self.ids, "no speech-to-text model is loaded: the audio is not transcribed",
+                                    code=ev.error, kind="server_error"))
+            return  # else the idle flush of a stream with nothing said
+        item_id = self._committed(self._awaiting.popleft())
+        if ev.error is not None:
+            self._heard(item_id, "", ev.error, "speech could not be transcribed: no speech-to-text model is loaded")
+            return
+        self._heard(item_id, ev.text.strip())
+        td = self.cfg.turn_detection
+        if td is not None and td.create_response and ev.text.strip():
+            if self.response is not None and not self.response.closed:
+                self._respond_after = True  # interrupt_response is off: this turn is answered next
+            else:
+                self._start_response(None, None, False)
+
+    # ------------------------------------------------------------------ responses
+
+    def _start_response(self, instructions: str | None, audio_output: bool | None, out_of_band: bool) -> None:
+        audio = self.cfg.audio_output if audio_output is None else audio_output
+        resp = R.Response(self.ids, self.ids.new("resp"), self.ids.new("item"), audio, self.cfg.output_format,
+                          out_of_band=out_of_band)
+        resp.user_text = "\n".join(self._pending_user)
+        context: tuple[tuple[str, str], ...] | None = None
+        if instructions is not None or out_of_band:
+            # This response alone runs on other instructions (or outside the conversation): a context.
+            prompt = instructions or self.session.system_prompt or self.hub.engines.default_prompt
+            context = (("system", prompt), *self.session.history)
+        if not out_of_band:
+            self._pending_user.clear()
+        previous = self._previous(resp.item_id) if not out_of_band else None
+        if not out_of_band:
+            self._assistant_items.append(resp.item_id)
+        self.response, self._respond_after = resp, False
+        self._context_turn, self._response_epoch = context is not None, self.session.history_epoch
+        for msg in resp.opening(previous):
+            self._send(msg)
+        try:
+            turn = self.call.start_turn(resp.user_text, kind="realtime", request_id=resp.id, speak=audio,
+                                        stream_tokens=True, context=context)
+        except ServerError as err:
+            self._finish(resp, "failed", R.failed_details(err.code, err.message))
+            return
+        if turn.task is not None:
+            turn.task.add_done_callback(lambda _t: self._turn_ended(resp))
+        log.info("realtime.response", session=self.session.id, response=resp.id, audio=audio,
+                 chars=len(resp.user_text), instructions=instructions is not None, out_of_band=out_of_band)
+
+    def _turn_ended(self, resp: R.Response) -> None:
+        """The response's turn is over: one that ended without an answer still gets its response.done."""
+        if not resp.closed and not self._closed:
+            self._finish(resp, "failed", R.failed_details("internal", "the response ended without an answer"))
+
+    def _cancel_response(self, reason: str) -> None:
+        resp = self.response
+        if resp is None or resp.closed:
+            return
+        events = resp.closing("cancelled", R.cancelled_details(reason))  # closed first: its cancel is not news
+        self.call.cancel_all()  # its turn is cancelled: the deltas still queued are dropped unsent
+        for msg in events:
+            self._send(msg)
+        log.info("realtime.response_done", session=self.session.id, response=resp.id, status="cancelled",
+                 reason=reason, audio_bytes=resp.audio_bytes)
+        self._next_response()
+
+    def _finish(self, resp: R.Response, status: str, details: dict[str, Any] | None = None) -> None:
+        for msg in resp.closing(status, details):
+            self._send(msg)
+        if status == "completed" and self._context_turn and not resp.out_of_band:
+            # The core keeps no history for a turn run on a context: this one belongs to the conversation.
+            self.session.add_turn(resp.user_text, resp.deltas.text, self._response_epoch)
+        log.info("realtime.response_done", session=self.session.id, response=resp.id, status=status,
+                 audio_bytes=resp.audio_bytes, tokens=resp.output_tokens)
+        self._next_response()
+
+    def _next_response(self) -> None:
+        if self._respond_after and self._pending_user:
+            self._start_response(None, None, False)
+
+    # ------------------------------------------------------------------ out
+
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        return {"type": kind, "event_id": self.ids.new("event"), **fields}
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        self.out.send_data(msg)
+
+    def _error(self, msg: dict[str, Any]) -> None:
+        log.info("realtime.error", session=self.session.id, code=msg["error"]["code"], param=msg["error"]["param"])
+        self.out.send_control(msg)
+
+    def _previous(self, item_id: str) -> str | None:
+        """The item before `item_id`, which becomes the last one."""
+        previous, self._last_item = self._last_item, item_id
+        return previous

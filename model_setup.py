@@ -63,8 +63,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--out", type=Path, default=None, help="also write the JSON document to this file")
 
     def cache(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--cache-dir", type=Path, default=None,
-                       help="where probes and results are cached (default: $LOCAL_AI_CACHE or ~/.cache/local-ai-server)")
+        p.add_argument("--cache-dir", type=Path, default=None, help="where probes and bench results are cached "
+                       "(default: $LOCAL_AI_CACHE or ~/.cache/local-ai-server)")
 
     def cached_bench(p: argparse.ArgumentParser, *, file: bool = True) -> None:
         # Default: the benchmark cached for this hardware fingerprint, so a later run predicts what the install did.

@@ -134,9 +134,9 @@ def verify_turn(models_dir: Path, selection: Any, *, quiet: bool, rebench: Rerun
     More than 25 % off the prediction, `rebench` (unless None: --no-rebench) measures the machine again once
     and the prediction is recomputed from it (verify_bench.recheck).
     """
-    from local_ai_server.setup.verify_bench import REBENCH_OFF_PCT, apply_to_record, is_off, recheck
     from local_ai_server.config import cpu_count, thread_budget
     from local_ai_server.setup.turn import compare, describe_comparison, run_turn
+    from local_ai_server.setup.verify_bench import REBENCH_OFF_PCT, apply_to_record, is_off, recheck
 
     record = read_record(models_dir)
     settings = dict(record.settings) if record is not None and record.tier == selection.tier else {}
@@ -252,4 +252,4 @@ def predicted_now(args: argparse.Namespace, record: InstallRecord, choice: Bench
     prediction = plan.chosen.prediction.to_dict()
     return {"prediction": prediction, "line": figures_line(prediction),
             "from": "hardware alone" if choice.doc is None else f"benchmark measured_at {choice.measured_at}",
-            "recorded_from": "the hardware alone" if recorded_at is None else f"the benchmark measured_at {recorded_at}"}
+            "recorded_from": f"the benchmark measured_at {recorded_at}" if recorded_at else "the hardware alone"}

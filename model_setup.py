@@ -62,9 +62,24 @@ def _parser() -> argparse.ArgumentParser:
     def out(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", type=Path, default=None, help="also write the JSON document to this file")
 
+    def cache(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--cache-dir", type=Path, default=None, help="where probes and bench results are cached "
+                       "(default: $LOCAL_AI_CACHE or ~/.cache/local-ai-server)")
+
+    def cached_bench(p: argparse.ArgumentParser, *, file: bool = True) -> None:
+        # Default: the benchmark cached for this hardware fingerprint, so a later run predicts what the install did.
+        group = p.add_mutually_exclusive_group()
+        if file:
+            group.add_argument("--bench", type=Path, default=None,
+                               help="`bench --json` file with measured probe rates (default: the one cached for "
+                                    "this hardware)")
+        group.add_argument("--no-bench", action="store_true",
+                           help="ignore the cached benchmark: predict from the hardware alone")
+        cache(p)
+
     def inputs(p: argparse.ArgumentParser) -> None:
         p.add_argument("--hardware", type=Path, default=None, help="predict for this `detect --json` file instead")
-        p.add_argument("--bench", type=Path, default=None, help="`bench --json` file with measured probe rates")
+        cached_bench(p)
 
     def sourcing(p: argparse.ArgumentParser) -> None:
         p.add_argument("--mirror", default=os.environ.get("HF_ENDPOINT") or None, metavar="URL",
@@ -91,6 +106,11 @@ def _parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--tier", default=None, help="verify this tier's files instead of the selected one (no turn)")
     p.add_argument("--hash-only", action="store_true", help="only re-hash; do not load the models")
+    p.add_argument("--no-rebench", action="store_true",
+                   help="when the turn is more than 25%% off the prediction, say so but do not re-run the "
+                        "benchmark (1-2 minutes) and re-predict")
+    cache(p)
+    sourcing(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("list", help="list tiers and models with sizes and predicted figures for this machine",
@@ -109,8 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     common(p)
     out(p)
     sourcing(p)
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="where probes and results are cached (default: $LOCAL_AI_CACHE or ~/.cache/local-ai-server)")
+    cache(p)
     p.add_argument("--probe", type=Path, default=None, help="use this GGUF as the LLM probe")
     p.add_argument("--refresh", action="store_true", help="measure again even when a cached result exists")
     p.set_defaults(func=cmd_bench)
@@ -134,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="what is installed and what to expect (from install.json)", epilog=EPILOG)
     common(p)
+    cached_bench(p, file=False)
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("service", help="write (and enable) the systemd unit that runs the server", epilog=EPILOG)

@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 from typing import Any, TextIO
 
+from local_ai_server.setup.bench_cache import BenchChoice, cached_or_none, from_file
 from local_ai_server.setup.fetch import LogFn
 from local_ai_server.setup.hardware import Hardware, detect
 from local_ai_server.setup.jsonfile import write_json_atomic
-from local_ai_server.setup.plan import Bench
 from local_ai_server.setup.registry import Registry, SetupError, load_registry
 from local_ai_server.setup.selection import default_models_dir
 
@@ -42,9 +42,12 @@ def args_hardware(args: argparse.Namespace) -> Hardware:
         raise SetupError(f"{args.hardware}: {exc}") from None
 
 
-def args_bench(args: argparse.Namespace) -> Bench | None:
-    """The measured rates --bench names (a `bench --json` file), if given."""
-    return None if args.bench is None else Bench.from_dict(read_json(args.bench))
+def args_bench(args: argparse.Namespace, hw: Hardware) -> BenchChoice:
+    """The benchmark to predict from: --bench FILE, none with --no-bench, else the one cached for `hw`."""
+    if getattr(args, "bench", None) is not None:
+        return from_file(args.bench, read_json(args.bench))
+    return cached_or_none(hw, no_bench=bool(getattr(args, "no_bench", False)),
+                          cache_dir=getattr(args, "cache_dir", None))
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TextIO
 
+from local_ai_server.setup.bench_cache import BenchChoice, bench_summary, cached_or_none, default_cache_dir
 from local_ai_server.setup.cli_common import args_models_dir, args_registry, emit
 from local_ai_server.setup.fetch import verify_tier
-from local_ai_server.setup.installation import now_iso, read_record, record_path, write_record
-from local_ai_server.setup.registry import ROLES, SetupError
+from local_ai_server.setup.hardware import Hardware, detect
+from local_ai_server.setup.installation import InstallRecord, now_iso, read_record, record_path, write_record
+from local_ai_server.setup.registry import ROLES, Registry, SetupError
 from local_ai_server.setup.selection import read_selection
 
 
@@ -60,7 +64,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"ok: {len(files)} files of tier {tier} verified in {models_dir}")
     turn: dict[str, Any] | None = None
     if not problems and selection is not None and not args.hash_only:
-        turn = verify_turn(models_dir, selection, quiet=args.json)
+        rebench = None if args.no_rebench else BenchRerun(
+            registry=registry, hw=detect(models_dir), models_dir=models_dir,
+            cache_dir=Path(args.cache_dir or default_cache_dir()).expanduser().absolute(), offline=args.offline,
+            mirror=args.mirror, stream=sys.stderr if args.json else sys.stdout)
+        turn = verify_turn(models_dir, selection, quiet=args.json, rebench=rebench)
     if args.json:
         emit({"ok": not problems, "tier": tier, "models_dir": str(models_dir), "files": len(files),
                "problems": problems, "turn": turn})
@@ -71,10 +79,64 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def verify_turn(models_dir: Path, selection: Any, *, quiet: bool) -> dict[str, Any]:
-    """Run one voice turn on the selected models; compare with install.json and record the result there."""
+class Rerun(Protocol):
+    """How verify re-measures this machine and re-predicts the installed tier (BenchRerun; a fake in tests)."""
+
+    def run(self, record: InstallRecord) -> dict[str, Any]:
+        """Measure afresh (refreshing this fingerprint's cache); the bench document."""
+
+    def repredict(self, record: InstallRecord, doc: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+        """The installed tier's prediction from bench `doc`, with the plan inputs it came from."""
+
+    def summary(self, doc: dict[str, Any]) -> dict[str, Any] | None:
+        """install.json's `bench` block for bench `doc`."""
+
+
+@dataclass(frozen=True)
+class BenchRerun:
+    """verify's re-bench: `model_setup.py bench --refresh` on the probe the recorded benchmark used, then `plan`."""
+
+    registry: Registry
+    hw: Hardware
+    models_dir: Path
+    cache_dir: Path
+    offline: bool
+    mirror: str | None
+    stream: TextIO
+
+    def run(self, record: InstallRecord) -> dict[str, Any]:
+        """Measure again with the recorded benchmark's probe when it is still there (else bench's own choice)."""
+        from local_ai_server.setup.cli_plan import measure_bench
+
+        bench = record.doc.get("bench")
+        recorded = bench.get("probe_path") if isinstance(bench, Mapping) else None
+        probe = Path(recorded) if isinstance(recorded, str) and Path(recorded).is_file() else None
+        return measure_bench(self.registry, self.hw, self.models_dir, self.cache_dir, probe=probe,
+                             offline=self.offline, mirror=self.mirror, refresh=True, stream=self.stream)
+
+    def repredict(self, record: InstallRecord, doc: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+        """The plan's prediction for the installed tier on this machine, from `doc`."""
+        from local_ai_server.setup.plan import Bench, Constraints, make_plan
+
+        plan = make_plan(self.registry, self.hw, tier=record.tier, bench=Bench.from_dict(doc),
+                         constraints=Constraints(llama_backend=record.llama_backend)).to_dict(self.registry)
+        return dict(plan["prediction"]), dict(plan["inputs"])
+
+    def summary(self, doc: dict[str, Any]) -> dict[str, Any] | None:
+        """The fresh benchmark as the cache now holds it."""
+        choice = cached_or_none(self.hw, no_bench=False, cache_dir=self.cache_dir)
+        return bench_summary(choice if choice.doc == doc else BenchChoice("file", doc=doc))
+
+
+def verify_turn(models_dir: Path, selection: Any, *, quiet: bool, rebench: Rerun | None = None) -> dict[str, Any]:
+    """Run one voice turn on the selected models; compare with install.json and record the result there.
+
+    More than 25 % off the prediction, `rebench` (unless None: --no-rebench) measures the machine again once
+    and the prediction is recomputed from it (verify_bench.recheck).
+    """
     from local_ai_server.config import cpu_count, thread_budget
     from local_ai_server.setup.turn import compare, describe_comparison, run_turn
+    from local_ai_server.setup.verify_bench import REBENCH_OFF_PCT, apply_to_record, is_off, recheck
 
     record = read_record(models_dir)
     settings = dict(record.settings) if record is not None and record.tier == selection.tier else {}
@@ -108,6 +170,16 @@ def verify_turn(models_dir: Path, selection: Any, *, quiet: bool) -> dict[str, A
         say("  " + line)
     doc = dict(record.doc)
     doc["measured"] = {"at": now_iso(), "figures": measured, "comparison": rows, "transcript": result.transcript}
+    if rebench is not None:
+        rerun = rebench
+        checked = recheck(measured, rows, record.expected, run_bench=lambda: rerun.run(record),
+                          repredict=lambda bench_doc: rerun.repredict(record, bench_doc), say=lambda s: say("  " + s))
+        if checked is not None:
+            summary = rerun.summary(checked["bench"]) if "bench" in checked else None
+            doc = apply_to_record(doc, checked, bench_summary=summary, measured=doc["measured"])
+            out["rebench"] = {k: v for k, v in checked.items() if k not in ("bench", "inputs")}
+    elif is_off(rows):
+        say(f"  more than {REBENCH_OFF_PCT:g}% off, but --no-rebench: the prediction was not re-measured")
     write_record(models_dir, doc)
     return out
 
@@ -121,14 +193,18 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if selection is None:
         raise SetupError(f"nothing is installed in {models_dir}; run ./install.sh")
     record = read_record(models_dir)
+    choice = cached_or_none(detect(models_dir), no_bench=args.no_bench, cache_dir=args.cache_dir)
+    now = None if record is None or record.tier != selection.tier else predicted_now(args, record, choice)
     if args.json:
         emit({"tier": selection.tier, "models_dir": str(models_dir),
                "models": {r: selection.model(r).display for r in ROLES},
-               "record": None if record is None else dict(record.doc)})
+               "record": None if record is None else dict(record.doc), "bench_used": choice.to_dict(),
+               "predicted_now": now})
         return 0
     print(f"tier {selection.tier} in {models_dir}")
     for role in ROLES:
         print(f"  {role}: {selection.model(role).display}")
+    print(f"  benchmark: {choice.describe()}")
     if record is None or record.tier != selection.tier:
         print(f"  no expectations recorded ({record_path(models_dir).name} is missing or for another tier)")
         return 0
@@ -141,6 +217,16 @@ def cmd_summary(args: argparse.Namespace) -> int:
           f"decode {e.get('decode_tok_s', 0):g} tok/s, first token {e.get('ttft_ms', 0):.0f} ms, "
           f"STT {e.get('stt_ms', 0):.0f} ms")
     print(f"  source: {record.expected_source}")
+    rebench = record.doc.get("rebench")
+    if isinstance(rebench, Mapping):
+        from local_ai_server.setup.verify_bench import figures_line
+
+        print(f"  re-benchmarked by `model_setup.py verify` at {rebench.get('at')}: {rebench.get('reason')}"
+              + (f"; it failed: {rebench['error']}" if rebench.get("error") else
+                 f"; previous prediction: {figures_line(rebench.get('previous_expected') or {})}"))
+    if now is not None:
+        print(f"  note: these expectations came from {now['recorded_from']}; from the {now['from']} "
+              f"this tier predicts: {now['line']}")
     if record.measured:
         print(f"  measured by `model_setup.py verify` at {record.measured.get('at')}:")
         for line in describe_comparison(record.measured.get("comparison") or {}):
@@ -148,3 +234,22 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+def predicted_now(args: argparse.Namespace, record: InstallRecord, choice: BenchChoice) -> dict[str, Any] | None:
+    """The installed tier re-predicted from `choice` when that is not the benchmark install.json's figures came
+    from (a newer cache, none at all); None when they agree."""
+    recorded = record.doc.get("bench")
+    recorded_at = recorded.get("measured_at") if isinstance(recorded, Mapping) else None
+    if choice.origin == "disabled" or recorded_at == choice.measured_at:
+        return None  # --no-bench: only what install.json says, as before
+    from local_ai_server.setup.plan import Constraints, make_plan
+    from local_ai_server.setup.verify_bench import figures_line
+
+    registry = args_registry(args)
+    plan = make_plan(registry, detect(args_models_dir(args)), tier=record.tier, bench=choice.bench,
+                     constraints=Constraints(llama_backend=record.llama_backend))
+    prediction = plan.chosen.prediction.to_dict()
+    return {"prediction": prediction, "line": figures_line(prediction),
+            "from": "hardware alone" if choice.doc is None else f"benchmark measured_at {choice.measured_at}",
+            "recorded_from": f"the benchmark measured_at {recorded_at}" if recorded_at else "the hardware alone"}

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+from typing import Any, TextIO
 
+from local_ai_server.setup.bench_cache import bench_summary, default_cache_dir
 from local_ai_server.setup.cli_common import (
     args_bench,
     args_hardware,
@@ -15,27 +16,17 @@ from local_ai_server.setup.cli_common import (
     emit,
     line_logger,
     mb,
-    read_json,
     save,
 )
 from local_ai_server.setup.download import DownloadError, apply_mirror, download, progress_printer
 from local_ai_server.setup.fetch import LogFn
-from local_ai_server.setup.hardware import detect
-from local_ai_server.setup.plan import Bench, Constraints, make_plan
+from local_ai_server.setup.hardware import Hardware, detect
+from local_ai_server.setup.plan import Constraints, make_plan
 from local_ai_server.setup.registry import Registry, SetupError, UrlSource
 from local_ai_server.setup.selection import read_selection
 from local_ai_server.setup.sources import reachable, unavailable_tiers
 
 PROBE_MODEL = "tinyllama-1.1b-chat-v1.0-q4_k_m"
-
-
-def default_cache_dir() -> Path:
-    """$LOCAL_AI_CACHE, else $XDG_CACHE_HOME/local-ai-server (~/.cache/local-ai-server)."""
-    configured = os.environ.get("LOCAL_AI_CACHE", "").strip()
-    if configured:
-        return Path(configured).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "local-ai-server"
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -59,15 +50,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Measure this machine (or report its cached result): the LLM probe, STT and TTS."""
-    from local_ai_server.setup.bench import run_bench
-
     registry = args_registry(args)
     models_dir = args_models_dir(args)
     cache_dir = Path(args.cache_dir or default_cache_dir()).expanduser().absolute()
-    say = line_logger(sys.stderr if args.json else sys.stdout)
-    probe = args.probe or tinyllama_probe(registry, models_dir, cache_dir, args, say)
-    doc = run_bench(hardware=detect(models_dir), models_dir=models_dir, registry=registry, cache_dir=cache_dir,
-                    probe_path=probe, refresh=args.refresh, log=say)
+    stream = sys.stderr if args.json else sys.stdout
+    doc = measure_bench(registry, detect(models_dir), models_dir, cache_dir, probe=args.probe, offline=args.offline,
+                        mirror=args.mirror, refresh=args.refresh, stream=stream)
     save(args, doc)
     if args.json:
         emit(doc)
@@ -81,8 +69,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def tinyllama_probe(registry: Registry, models_dir: Path, cache_dir: Path, args: argparse.Namespace,
-               say: LogFn) -> Path | None:
+def measure_bench(registry: Registry, hw: Hardware, models_dir: Path, cache_dir: Path, *, probe: Path | None,
+                  offline: bool, mirror: str | None, refresh: bool, stream: TextIO) -> dict[str, Any]:
+    """`bench`'s measurement (cached for `hw` under `cache_dir`): `probe`, else the real TinyLlama, else its shape."""
+    from local_ai_server.setup.bench import run_bench
+
+    say = line_logger(stream)
+    probe = probe or tinyllama_probe(registry, models_dir, cache_dir, offline=offline, mirror=mirror, say=say,
+                                     stream=stream)
+    return run_bench(hardware=hw, models_dir=models_dir, registry=registry, cache_dir=cache_dir,
+                     probe_path=probe, refresh=refresh, log=say)
+
+
+def tinyllama_probe(registry: Registry, models_dir: Path, cache_dir: Path, *, offline: bool, mirror: str | None,
+                    say: LogFn, stream: TextIO) -> Path | None:
     """The real TinyLlama probe: present, or downloaded into the cache; None when it cannot be had."""
     model = registry.models.get(PROBE_MODEL)
     if model is None:
@@ -92,12 +92,12 @@ def tinyllama_probe(registry: Registry, models_dir: Path, cache_dir: Path, args:
     for candidate in (models_dir / f.path, dest):
         if candidate.is_file() and candidate.stat().st_size == f.size_bytes:
             return candidate
-    if args.offline:
+    if offline:
         say("bench.probe", model=PROBE_MODEL, note="--offline: not downloading it; a same-shaped probe is built")
         return None
     urls = [s.url for s in f.sources if isinstance(s, UrlSource)]
-    if args.mirror:
-        urls = [apply_mirror(u, args.mirror) for u in urls] + urls
+    if mirror:
+        urls = [apply_mirror(u, mirror) for u in urls] + urls
     errors = {u: reachable(u) for u in dict.fromkeys(urls)}
     live = [u for u, err in errors.items() if err is None]
     if not live:
@@ -106,7 +106,7 @@ def tinyllama_probe(registry: Registry, models_dir: Path, cache_dir: Path, args:
         return None
     try:
         return download(live, dest, size=f.size_bytes, sha256=f.sha256, label=f.path,
-                        progress=progress_printer(sys.stderr if args.json else sys.stdout))
+                        progress=progress_printer(stream))
     except DownloadError as exc:
         say("bench.probe", model=PROBE_MODEL, note=f"download failed ({exc}); a same-shaped probe is built instead")
         return None
@@ -122,19 +122,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         unavailable = unavailable_tiers(registry, models_dir, offline=args.offline, mirror=args.mirror)
     constraints = Constraints(gpu="off" if args.cpu_only else "require" if args.gpu else "auto",
                               llama_backend=args.llama_backend, unavailable=unavailable)
-    bench_doc = read_json(args.bench) if args.bench is not None else None
-    bench = None if bench_doc is None else Bench.from_dict(bench_doc)
-    plan = make_plan(registry, hw, tier=args.tier, bench=bench, constraints=constraints)
+    choice = args_bench(args, hw)
+    plan = make_plan(registry, hw, tier=args.tier, bench=choice.bench, constraints=constraints)
     doc = plan.to_dict(registry)
-    if bench_doc is not None:
-        probe = bench_doc.get("probe", {})
-        summary = {k: probe.get(k) for k in ("model", "source", "decode_tok_s", "prefill_tok_s", "ttft_ms",
-                                             "rss_mb", "threads")}
-        summary |= {"stt_ms": bench_doc.get("stt_ms"), "tts_ms": bench_doc.get("tts_ms"),
-                    "measured_at": bench_doc.get("measured_at")}
+    doc["bench_used"] = choice.to_dict()
+    summary = bench_summary(choice)
+    if summary is not None:
         doc["bench_summary"] = summary
     save(args, doc)
     if args.json:
+        print(f"benchmark: {choice.describe()}", file=sys.stderr)
         emit(doc)
         return 0
     pred = doc["prediction"]
@@ -148,6 +145,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"STT {pred['stt_ms']} ms, first token {pred['ttft_ms']} ms, first audio {pred['first_audio_ms']} ms, "
           f"voice turn ({doc['turn']['question_words']}-word question, {doc['turn']['answer_tokens']}-token answer) "
           f"{pred['voice_turn_ms']} ms")
+    print(f"  benchmark: {choice.describe()}")
     print(f"  inputs: bench: {doc['inputs']['bench']}")
     for key, value in doc["inputs"]["device"].items():
         print(f"          {key}: {value}")
@@ -162,7 +160,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     except SetupError:
         selection = None  # listing must work even when the installed selection is broken
     selected = selection.tier.lower() if selection else None
-    plan = make_plan(registry, args_hardware(args), bench=args_bench(args))
+    hw = args_hardware(args)
+    choice = args_bench(args, hw)
+    plan = make_plan(registry, hw, bench=choice.bench)
     predicted = {a.tier: a for a in plan.assessments}
     if args.json:
         emit({
@@ -192,8 +192,10 @@ def cmd_list(args: argparse.Namespace) -> int:
                 for m in registry.models.values()
             ],
             "inputs": plan.to_dict(registry)["inputs"],
+            "bench_used": choice.to_dict(),
         })
         return 0
+    print(f"benchmark: {choice.describe()}")
     for t in registry.tiers.values():
         size = sum(f.size_bytes for f in registry.tier_files(t.name))
         mark = " (selected)" if t.name.lower() == selected else ""

@@ -79,7 +79,9 @@ def test_the_whole_pipeline(models: Path, tmp_path: Path) -> None:
     assert record.expected["first_audio_ms"] == p["prediction"]["first_audio_ms"]
     assert record.expected_source.startswith("predicted by `model_setup.py plan` from this machine's benchmark")
 
-    verify = json.loads(ok(cli("verify", "--models-dir", str(models), "--json")).stdout)
+    # The test's own cache: a re-bench (the turn more than 25 % off) measures the tiny probe again, here.
+    verify = json.loads(ok(cli("verify", "--models-dir", str(models), "--cache-dir", str(cache), "--offline",
+                               "--json")).stdout)
     assert verify["ok"] is True and verify["problems"] == []
     turn = verify["turn"]
     assert "three" in turn["transcript"].lower() and turn["answer"]  # a question was heard and answered
@@ -91,6 +93,15 @@ def test_the_whole_pipeline(models: Path, tmp_path: Path) -> None:
     after = read_record(models)
     assert after is not None and after.measured is not None
     assert after.measured["figures"] == turn["measured"]
+    off = abs(turn["comparison"]["voice_turn_ms"]["error_pct"]) > 25
+    assert ("rebench" in turn) is off
+    if off:  # re-measured once: the fresh benchmark is cached and its prediction recorded
+        rebench = turn["rebench"]
+        assert "error" not in rebench and dict(after.expected) == rebench["expected"]
+        assert after.doc["bench"]["measured_at"] > b["measured_at"]
+        assert after.expected_source.startswith("re-predicted by `model_setup.py verify`")
+    else:
+        assert dict(after.expected) == dict(record.expected)
 
     summary = ok(cli("summary", "--models-dir", str(models))).stdout
     assert "tier embedded" in summary and "expected here: first audio" in summary

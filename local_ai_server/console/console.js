@@ -204,7 +204,8 @@ function onEvent(ev) {
     default:
       break;
   }
-  logEvent(ev.type, ev.type.endsWith(".completed") ? ev.transcript : "");
+  const detail = ev.type.endsWith(".completed") ? ev.transcript : ev.type === "response.done" ? ev.response.status : "";
+  logEvent(ev.type, detail);
 }
 
 // ------------------------------------------------------------------ connection

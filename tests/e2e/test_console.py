@@ -155,6 +155,7 @@ def test_a_wrong_token_is_refused_at_the_handshake(secured: ServerProc, tmp_path
     console.wait(lambda: console.attr("body", "data-state") == "error", "the refusal")
     assert "wrong token" in console.text("status")
     assert any(e.get("event") == "auth.failed" for e in secured.log_events())
+    assert TOKEN not in secured.logs() and "openai-insecure-api-key" not in secured.logs()
 
 
 def test_speaking_over_the_answer_interrupts_it(open_server: ServerProc, tmp_path: Path,
@@ -167,6 +168,8 @@ def test_speaking_over_the_answer_interrupts_it(open_server: ServerProc, tmp_pat
     console = open_page(open_server, wav)
     console.page.click("#connect")
     console.wait(lambda: console.number("barge-ins") >= 1, "a barge-in")
+    # The server cancelled the answer that was playing (interrupt_response), as the page asked.
+    console.wait(lambda: "response.done: cancelled" in console.text("log"), "the cancelled response")
     # The interruption is heard and answered in its turn.
     console.wait(lambda: console.page.locator("#history li").count() >= 2 and console.number("turns") >= 1,
                  "the interruption answered")

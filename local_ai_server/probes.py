@@ -1,9 +1,12 @@
-"""HTTP on the WebSocket port: /health, /ready and /metrics, and a 4xx for anything else that is not a handshake."""
+"""HTTP on the WebSocket port: the browser console at /, /health, /ready, /metrics, and a 4xx for anything else."""
 
 from __future__ import annotations
 
 import json
+import re
+from functools import lru_cache
 from http import HTTPStatus
+from importlib import resources
 from typing import Any
 
 from websockets.datastructures import Headers
@@ -13,6 +16,15 @@ from .hub import Hub
 from .runtime import FETCH_HINT
 
 PROBES = ("/health", "/ready", "/metrics")
+# The browser console (local_ai_server/console/): path -> (file, Content-Type). Static, no build step.
+CONSOLE = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/console/console.js": ("console.js", "text/javascript; charset=utf-8"),
+    "/console/worklet.js": ("worklet.js", "text/javascript; charset=utf-8"),
+    "/console/console.css": ("console.css", "text/css; charset=utf-8"),
+}
+# A Host header fit to be named in the CSP (a name or an address, and a port); anything else gets 'self' only.
+HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
 def answer(request: Request, hub: Hub) -> Response | None:
@@ -31,7 +43,7 @@ def answer(request: Request, hub: Hub) -> Response | None:
         response = json_response(status, {"status": status.phrase.lower().replace(" ", "_")})
         response.headers["Allow"] = "GET, HEAD"
         return response
-    response = probe(path, hub)
+    response = console(path, request.headers.get("Host")) if path in CONSOLE else probe(path, hub)
     if method == "HEAD":
         # The headers of the GET (Content-Length included), without its body.
         return Response(response.status_code, response.reason_phrase, response.headers, b"")
@@ -57,7 +69,27 @@ def probe(path: str, hub: Hub) -> Response:
                            ("Content-Length", str(len(body))), ("Connection", "close")])
         return Response(200, "OK", headers, body)
     return json_response(HTTPStatus.NOT_FOUND, {"status": "not_found",
-                                                "endpoints": ["/health", "/ready", "/metrics", "ws://"]})
+                                                "endpoints": ["/", "/health", "/ready", "/metrics", "ws://"]})
+
+
+def console(path: str, host: str | None) -> Response:
+    """A file of the browser console, with a CSP that allows nothing but this server (and its WebSocket)."""
+    name, content_type = CONSOLE[path]
+    body = _console_file(name)
+    # CSP level 3 lets 'self' cover ws:// and wss:// of the same host; older browsers need them spelled out.
+    sockets = f" ws://{host} wss://{host}" if host and HOST.fullmatch(host) else ""
+    csp = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+           f"connect-src 'self'{sockets}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
+                       ("Content-Security-Policy", csp), ("X-Content-Type-Options", "nosniff"),
+                       ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-cache"), ("Connection", "close")])
+    return Response(200, "OK", headers, body)
+
+
+@lru_cache(maxsize=len(CONSOLE))
+def _console_file(name: str) -> bytes:
+    """A console file as shipped in the package (read once)."""
+    return (resources.files(__package__) / "console" / name).read_bytes()
 
 
 def json_response(status: HTTPStatus, body: dict[str, Any]) -> Response:

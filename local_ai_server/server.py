@@ -7,6 +7,7 @@ import os
 import signal
 import ssl
 import time
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any, Protocol
 
@@ -16,13 +17,13 @@ from websockets.exceptions import ConnectionClosed, InvalidMessage
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
-from websockets.typing import Origin
+from websockets.typing import Origin, Subprotocol
 
 from . import probes
 from .config import ServerConfig
 from .fronts.ava import AvaFront
 from .fronts.realtime import RealtimeFront
-from .fronts.realtime_input import authorized, is_realtime_path, model_of
+from .fronts.realtime_input import authorized, is_realtime_path, model_of, subprotocol
 from .heap import malloc_trim
 from .hub import Hub
 from .metrics import Metrics
@@ -118,6 +119,7 @@ class VoiceServer:
             # Browsers send Origin; other clients (telephony engines) do not, and stay allowed.
             origins=self._origins(),
             process_request=self._process_request,
+            select_subprotocol=_select_subprotocol,
             max_size=self.cfg.max_frame_bytes,
             # Clients may not answer pings quickly (or at all): keepalive pings, never a ping timeout close.
             ping_interval=60,
@@ -197,7 +199,8 @@ class VoiceServer:
                 log.warning("auth.failed", front="realtime", remote=_remote(connection))
                 return probes.json_response(HTTPStatus.UNAUTHORIZED, {"error": {
                     "type": "invalid_request_error", "code": "invalid_api_key",
-                    "message": "missing or wrong bearer token (Authorization header)"}})
+                    "message": "missing or wrong token (Authorization: Bearer, or the openai-insecure-api-key."
+                               " subprotocol)"}})
             return probes.answer(request, self.hub)
         except Exception:  # noqa: BLE001 - a request we cannot make sense of is the client's error
             log.warning("http.bad_request", path=request.path[:80], exc_info=True)
@@ -241,6 +244,13 @@ class VoiceServer:
                 self.hub.calls -= 1
                 self.metrics.sessions.dec()
                 log.info("session.closed", session=session.id, call_id=session.call_id, code=ws.close_code)
+
+
+def _select_subprotocol(connection: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """Answer "realtime" to a browser on the Realtime path that offers it (else no subprotocol, as before)."""
+    path = connection.request.path if connection.request else "/"
+    chosen = subprotocol(path, offered)
+    return Subprotocol(chosen) if chosen else None
 
 
 async def _write(outbox: ConnectionOutbox) -> None:

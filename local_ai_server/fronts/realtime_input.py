@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -27,13 +28,35 @@ def model_of(path: str) -> str | None:
     return values[0][:200] if values else None
 
 
+# A browser cannot set headers on a WebSocket: OpenAI's browser clients offer the subprotocols
+# ["realtime", "openai-insecure-api-key.<key>"] instead, and the server answers "realtime".
+SUBPROTOCOL = "realtime"
+KEY_SUBPROTOCOL = "openai-insecure-api-key."
+
+
 def authorized(headers: Any, token: str | None) -> bool:
-    """`Authorization: Bearer <token>` matches the server's token (anything goes without one)."""
+    """`Authorization: Bearer <token>`, or the browser's key subprotocol, matches the server's token (if any)."""
     if token is None:
         return True
     value = headers.get("Authorization") or ""
     scheme, _, given = value.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+        return True
+    return any(hmac.compare_digest(key.encode(), token.encode()) for key in _offered_keys(headers))
+
+
+def _offered_keys(headers: Any) -> list[str]:
+    """The keys a browser offered as `openai-insecure-api-key.<key>` subprotocols."""
+    # websockets' Headers may hold the header more than once; a plain mapping (the unit tests) holds it once.
+    values = headers.get_all("Sec-WebSocket-Protocol") if hasattr(headers, "get_all") else \
+        [headers.get("Sec-WebSocket-Protocol") or ""]
+    offered = [p.strip() for value in values for p in value.split(",")]
+    return [p[len(KEY_SUBPROTOCOL):] for p in offered if p.startswith(KEY_SUBPROTOCOL)]
+
+
+def subprotocol(path: str, offered: Sequence[str]) -> str | None:
+    """The subprotocol to answer: "realtime" on the Realtime path when offered (a browser requires it), else none."""
+    return SUBPROTOCOL if SUBPROTOCOL in offered and is_realtime_path(path) else None
 
 
 def core_input(wire_format: str, payload: bytes) -> tuple[bytes, str, int]:

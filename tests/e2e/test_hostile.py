@@ -236,6 +236,9 @@ def _http_raw(port: int, request: bytes) -> tuple[int, bytes]:
     (b"GET /health HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n", 426),
     (b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Long: " + b"a" * 10000 + b"\r\n\r\n", 431),
     (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 404),
+    (b"GET /console/../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+    (b"GET /console/index.html HTTP/1.1\r\nHost: x\r\n\r\n", 404),
 ])
 def test_malformed_http_gets_a_4xx_never_a_5xx(hostile_server: ServerProc, request_bytes: bytes,
                                                status: int) -> None:
@@ -247,6 +250,20 @@ def test_head_on_a_probe_has_the_headers_without_a_body(hostile_server: ServerPr
     code, data = _http_raw(hostile_server.port, b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n")
     head, _, body = data.partition(b"\r\n\r\n")
     assert code == 200 and b"Content-Length:" in head and body == b""
+
+
+def test_head_on_the_console_has_the_headers_without_a_body(hostile_server: ServerProc) -> None:
+    code, data = _http_raw(hostile_server.port, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert code == 200 and b"Content-Type: text/html" in head and b"Content-Length:" in head and body == b""
+
+
+def test_a_hostile_host_header_never_reaches_the_csp(hostile_server: ServerProc) -> None:
+    """The console's CSP names the Host it was asked for only when that is a plain host[:port]."""
+    code, data = _http_raw(hostile_server.port, b"GET / HTTP/1.1\r\nHost: evil.example; script-src *\r\n\r\n")
+    head = data.partition(b"\r\n\r\n")[0].decode()
+    csp = next(line for line in head.split("\r\n") if line.lower().startswith("content-security-policy:"))
+    assert code == 200 and "evil" not in csp and "connect-src 'self';" in csp
 
 
 def test_nothing_was_left_unhandled(hostile_server: ServerProc) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -200,8 +201,31 @@ async def test_http_endpoints(server: ServerProc) -> None:
     for name in ("las_sessions", "las_llm_pool_busy", "las_llm_pool_queued", "las_llm_pool_workers",
                  "las_errors_total", "las_turn_stage_seconds", "las_event_loop_lag_seconds_bucket"):
         assert name in text, name
-    status, _ = await asyncio.to_thread(server.http, "/nope")
-    assert status == 404
+    status, body = await asyncio.to_thread(server.http, "/nope")
+    assert status == 404 and json.loads(body)["endpoints"][0] == "/"
+
+
+async def test_get_root_is_the_browser_console_and_an_upgrade_is_still_ava(client_factory: Callable[..., Any],
+                                                                             server: ServerProc) -> None:
+    """`GET /` without `Upgrade: websocket` is the console page (and its assets); with it, AVA's protocol."""
+    status, body = await asyncio.to_thread(server.http, "/")
+    assert status == 200 and b'<script type="module" src="/console/console.js">' in body
+    assert b"http://" not in body and b"https://" not in body  # nothing from elsewhere
+    for path, kind in (("/console/console.js", b"/v1/realtime"), ("/console/worklet.js", b"registerProcessor"),
+                       ("/console/console.css", b"font")):
+        status, body = await asyncio.to_thread(server.http, path)
+        assert status == 200 and kind in body, path
+    def headers() -> tuple[str, str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/", timeout=10) as resp:
+            return resp.headers["Content-Type"], resp.headers["Content-Security-Policy"]
+
+    content_type, csp = await asyncio.to_thread(headers)
+    assert content_type == "text/html; charset=utf-8"
+    assert "default-src 'none'" in csp and "script-src 'self';" in csp
+    assert f"connect-src 'self' ws://127.0.0.1:{server.port} wss://127.0.0.1:{server.port};" in csp
+    c = await client_factory()
+    reply = await c.request({"type": "status"}, "status_response")
+    assert reply["status"] == "ok"
 
 
 async def test_tool_context_is_stored_without_reply(client_factory: Callable[..., Any]) -> None:

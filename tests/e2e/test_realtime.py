@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import pytest
+import websockets
 from openai import AsyncOpenAI
 from openai.resources.realtime.realtime import AsyncRealtimeConnection
+from websockets.typing import Subprotocol
 
 from local_ai_server.audio import float32_to_pcm16, is_silent, mulaw_decode, pcm16_to_float32, resample
 
@@ -348,3 +351,17 @@ async def test_wrong_key_is_refused_at_the_handshake(rt: ServerProc) -> None:
         async with sdk(rt, key="wrong").realtime.connect(model="x") as conn:
             await conn.recv()
     assert "401" in str(info.value)
+
+
+async def test_a_browser_key_goes_as_a_subprotocol(rt: ServerProc) -> None:
+    """OpenAI's browser convention: ["realtime", "openai-insecure-api-key.<key>"]; the server answers "realtime"."""
+    url = f"ws://127.0.0.1:{rt.port}/v1/realtime?model=x"
+    offered = [Subprotocol("realtime"), Subprotocol(f"openai-insecure-api-key.{TOKEN}")]
+    async with websockets.connect(url, subprotocols=offered) as ws:
+        assert ws.subprotocol == "realtime"
+        assert json.loads(await ws.recv())["type"] == "session.created"
+    with pytest.raises(websockets.InvalidStatus) as info:
+        async with websockets.connect(url, subprotocols=[Subprotocol("realtime"),
+                                                         Subprotocol("openai-insecure-api-key.wrong")]):
+            pass
+    assert info.value.response.status_code == 401

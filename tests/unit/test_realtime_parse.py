@@ -7,7 +7,14 @@ from typing import Any
 
 import pytest
 
-from local_ai_server.fronts.realtime_input import ManualBuffer, authorized, core_input, is_realtime_path, model_of
+from local_ai_server.fronts.realtime_input import (
+    ManualBuffer,
+    authorized,
+    core_input,
+    is_realtime_path,
+    model_of,
+    subprotocol,
+)
 from local_ai_server.fronts.realtime_parse import (
     AudioAppend,
     AudioClear,
@@ -159,6 +166,12 @@ def test_endpoint_helpers() -> None:
     assert authorized({"Authorization": "Bearer s3cret"}, "s3cret")
     assert not authorized({"Authorization": "Bearer nope"}, "s3cret") and not authorized({}, "s3cret")
     assert not authorized({"Authorization": "Basic s3cret"}, "s3cret")
+    # A browser's key, offered as a subprotocol (it cannot set an Authorization header on a WebSocket).
+    assert authorized({"Sec-WebSocket-Protocol": "realtime, openai-insecure-api-key.s3cret"}, "s3cret")
+    assert not authorized({"Sec-WebSocket-Protocol": "realtime, openai-insecure-api-key.nope"}, "s3cret")
+    assert not authorized({"Sec-WebSocket-Protocol": "s3cret"}, "s3cret")
+    assert subprotocol("/v1/realtime?model=x", ["realtime", "openai-insecure-api-key.k"]) == "realtime"
+    assert subprotocol("/v1/realtime", []) is None and subprotocol("/", ["realtime"]) is None
 
 
 def test_input_formats_and_manual_buffer() -> None:

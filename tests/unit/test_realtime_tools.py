@@ -28,7 +28,8 @@ from local_ai_server.tool_decl import MAX_TOOL_SCHEMA_BYTES, MAX_TOOLS, Tool
 pytestmark = pytest.mark.unit
 
 WEATHER: dict[str, Any] = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
-                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                         "required": ["city"]}}
 
 
 def update(session: dict[str, Any], cfg: SessionConfig = SessionConfig()) -> SessionConfig:

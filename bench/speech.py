@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from workload import FRAME_MS, FRAME_SAMPLES, RATE  # noqa: E402
+from workload import FRAME_MS, RATE  # noqa: E402
 
 
 class Client:
@@ -119,15 +119,23 @@ def noise(samples: int, seed: int = 0) -> np.ndarray:
 
 
 class Streamer:
-    """Sends a continuous real-time 20 ms PCM16 stream: queued speech, otherwise line noise."""
+    """Sends a continuous real-time 20 ms PCM16 stream: queued speech, otherwise line noise.
 
-    def __init__(self, client: Client, seed: int = 0) -> None:
+    Frames go out as binary WebSocket frames (AVA), or through `send` (another wire, such as Realtime's
+    base64 JSON events) at `rate` (the audio given to `say` is at that rate).
+    """
+
+    def __init__(self, client: Client, seed: int = 0, *, rate: int = RATE,
+                 send: Callable[[bytes], Awaitable[None]] | None = None) -> None:
         from local_ai_server.audio import float32_to_pcm16
 
         self._pcm16 = float32_to_pcm16
         self.client = client
+        self.rate = rate
+        self._frame_samples = rate * FRAME_MS // 1000
+        self._send = send if send is not None else client.ws.send
         self._queue: collections.deque[tuple[bytes, asyncio.Future[float] | None]] = collections.deque()
-        self._silence = float32_to_pcm16(noise(FRAME_SAMPLES, seed))
+        self._silence = float32_to_pcm16(noise(self._frame_samples, seed))
         self._task: asyncio.Task[None] | None = None
         self._stop = False
         self.frames_sent = 0
@@ -136,12 +144,12 @@ class Streamer:
 
     def say(self, audio: np.ndarray, lead_s: float = 0.3) -> asyncio.Future[float]:
         """Queue `lead_s` of line noise, then `audio`; resolves to the send time of its last frame."""
-        x = np.concatenate([noise(int(lead_s * RATE), len(self._queue) + 1), audio.astype(np.float32)])
-        pad = (-len(x)) % FRAME_SAMPLES
+        x = np.concatenate([noise(int(lead_s * self.rate), len(self._queue) + 1), audio.astype(np.float32)])
+        pad = (-len(x)) % self._frame_samples
         if pad:
             x = np.concatenate([x, noise(pad, 7)])
         data = self._pcm16(x)
-        step = FRAME_SAMPLES * 2
+        step = self._frame_samples * 2
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         n = len(data) // step
         for i in range(n):
@@ -164,7 +172,7 @@ class Streamer:
             if late > 0.2:
                 t0 = time.perf_counter() - i * period  # never burst more than 200 ms to catch up
             try:
-                await self.client.ws.send(frame)
+                await self._send(frame)
             except Exception:  # noqa: BLE001 - connection gone: the waiting side reports it
                 if fut is not None and not fut.done():
                     fut.set_exception(ConnectionError("stream ended"))

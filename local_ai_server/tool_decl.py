@@ -23,10 +23,12 @@ _EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 class ToolError(ValueError):
     """A tool declaration the client sent is invalid; the message is safe to send back (no paths)."""
 
-    def __init__(self, message: str, *, too_large: bool = False) -> None:
+    def __init__(self, message: str, *, too_large: bool = False, field: str | None = None) -> None:
         super().__init__(message)
         # Protocol maps this to payload_too_large rather than invalid_field.
         self.too_large = too_large
+        # The offending field's path (`tools[2].parameters`), for fronts that report it apart from the message.
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -81,9 +83,9 @@ def parse_tools(raw: Any, field: str = "tools") -> tuple[Tool, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise ToolError(f"{field} must be a list")
+        raise ToolError(f"{field} must be a list", field=field)
     if len(raw) > MAX_TOOLS:
-        raise ToolError(f"{field} has {len(raw)} tools; at most {MAX_TOOLS} are allowed", too_large=True)
+        raise ToolError(f"{field} has {len(raw)} tools; at most {MAX_TOOLS} are allowed", too_large=True, field=field)
     tools: list[Tool] = []
     seen: set[str] = set()
     total = 0
@@ -92,7 +94,7 @@ def parse_tools(raw: Any, field: str = "tools") -> tuple[Tool, ...]:
         if isinstance(item, str):
             item = {"name": item}  # a bare name: a tool without a description or arguments
         if not isinstance(item, dict):
-            raise ToolError(f"{where} must be an object or a tool name")
+            raise ToolError(f"{where} must be an object or a tool name", field=where)
         spec = item
         if isinstance(item.get("function"), dict) and "name" not in item:
             # OpenAI's form: {"type": "function", "function": {name, description, parameters}}.
@@ -101,7 +103,7 @@ def parse_tools(raw: Any, field: str = "tools") -> tuple[Tool, ...]:
         tool = _parse_tool(spec, where)
         total += _json_size({"name": tool.name, "description": tool.description, "parameters": tool.parameters})
         if total > MAX_TOOLS_BYTES:
-            raise ToolError(f"{field} is over {MAX_TOOLS_BYTES} bytes as JSON", too_large=True)
+            raise ToolError(f"{field} is over {MAX_TOOLS_BYTES} bytes as JSON", too_large=True, field=field)
         # Names match case-insensitively everywhere (allowed_tools, parsed calls): a second spelling is a duplicate.
         if tool.name.lower() not in seen:
             seen.add(tool.name.lower())
@@ -113,25 +115,27 @@ def _parse_tool(spec: Mapping[str, Any], where: str) -> Tool:
     """One tool declaration's name, description and parameters, validated."""
     name = spec.get("name")
     if not _valid_name(name):
-        raise ToolError(f"{where}.name must be {_NAME_RULE}")
+        raise ToolError(f"{where}.name must be {_NAME_RULE}", field=f"{where}.name")
     description = spec.get("description")
     if description is None:
         description = ""
     if not isinstance(description, str):
-        raise ToolError(f"{where}.description must be a string")
+        raise ToolError(f"{where}.description must be a string", field=f"{where}.description")
     if len(description) > MAX_DESCRIPTION_CHARS:
-        raise ToolError(f"{where}.description is over {MAX_DESCRIPTION_CHARS} characters", too_large=True)
+        raise ToolError(f"{where}.description is over {MAX_DESCRIPTION_CHARS} characters", too_large=True,
+                        field=f"{where}.description")
     parameters = spec.get("parameters")
     if parameters is None:
         parameters = _EMPTY_PARAMETERS
     if not isinstance(parameters, dict):
-        raise ToolError(f"{where}.parameters must be an object (a JSON schema)")
+        raise ToolError(f"{where}.parameters must be an object (a JSON schema)", field=f"{where}.parameters")
     try:
         text = json.dumps(parameters, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError, RecursionError):
-        raise ToolError(f"{where}.parameters must be JSON") from None
+        raise ToolError(f"{where}.parameters must be JSON", field=f"{where}.parameters") from None
     if len(text.encode("utf-8")) > MAX_TOOL_SCHEMA_BYTES:
-        raise ToolError(f"{where}.parameters is over {MAX_TOOL_SCHEMA_BYTES} bytes as JSON", too_large=True)
+        raise ToolError(f"{where}.parameters is over {MAX_TOOL_SCHEMA_BYTES} bytes as JSON", too_large=True,
+                        field=f"{where}.parameters")
     # A copy of our own: the client's objects may be mutated later, a Tool is frozen.
     return Tool(name=name, description=description, parameters=json.loads(text))
 
@@ -141,14 +145,14 @@ def parse_names(raw: Any, field: str = "allowed_tools") -> tuple[str, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise ToolError(f"{field} must be a list")
+        raise ToolError(f"{field} must be a list", field=field)
     if len(raw) > MAX_TOOLS:
-        raise ToolError(f"{field} has {len(raw)} names; at most {MAX_TOOLS} are allowed", too_large=True)
+        raise ToolError(f"{field} has {len(raw)} names; at most {MAX_TOOLS} are allowed", too_large=True, field=field)
     names: list[str] = []
     seen: set[str] = set()
     for i, name in enumerate(raw):
         if not _valid_name(name):
-            raise ToolError(f"{field}[{i}] must be {_NAME_RULE}")
+            raise ToolError(f"{field}[{i}] must be {_NAME_RULE}", field=f"{field}[{i}]")
         if name.lower() not in seen:
             seen.add(name.lower())
             names.append(name)

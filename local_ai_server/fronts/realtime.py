@@ -1,8 +1,8 @@
 """OpenAI Realtime API (`/v1/realtime`): client events in, calls on the voice core, GA server events out.
 
 The core listens in its "stt" mode: it segments and transcribes, and this front decides when a response
-is made (server_vad's create_response, or the client's response.create). A response is one core turn of
-kind "realtime" whose request id is the response's id, so every event of the core finds its response.
+is made (server_vad's create_response, or the client's response.create); realtime_respond runs each
+response, and the function calls it makes.
 """
 
 from __future__ import annotations
@@ -18,17 +18,20 @@ from ..hub import Hub
 from ..outbox import ConnectionOutbox
 from ..session import Session
 from ..tasks import TaskOwner
+from ..tool_decl import Tool
 from ..vad import SegmenterSettings
 from ..voice.call import Call
-from ..voice.events import Answer, Event, Failure, Speech, Token, Transcribed, VoiceActivity
+from ..voice.events import Event, Failure, Transcribed, VoiceActivity
 from ..voice.turn import Turn
 from . import realtime_render as R
+from . import realtime_tools as T
 from .realtime_input import CORE_OUT, ManualBuffer, core_input, to_16k
 from .realtime_parse import (
     AudioAppend,
     AudioClear,
     AudioCommit,
     ClientEvent,
+    FunctionOutput,
     Invalid,
     ItemCreate,
     ItemTruncate,
@@ -41,6 +44,7 @@ from .realtime_parse import (
     event_id_of,
     parse,
 )
+from .realtime_respond import Responses
 
 log = structlog.get_logger(__name__)
 
@@ -74,9 +78,7 @@ class RealtimeFront:
         session.mode = "stt"  # the core transcribes; this front decides when to answer
         session.authenticated = True  # the handshake was checked (server.py)
         self.call = Call(session, hub.engines, R.ForwardingSink(self.on_core_event), hub.cfg, hub.metrics, tasks)
-        self.response: R.Response | None = None
-        self._response_epoch = 0
-        self._context_turn = False  # the response runs on a context: the front keeps its history
+        self.responses = Responses(self.ids, session, self.call, outbox, self._next_response)
         self._respond_after = False  # a turn ended while a response ran: answer it when that one is done
         self._pending_user: list[str] = []  # user texts added since the last response
         self._last_item: str | None = None
@@ -101,6 +103,7 @@ class RealtimeFront:
             obj = (await self.hub.engines.run_aux(decode, frame)) if len(frame) > BIG_FRAME else decode(frame)
             await self._dispatch(parse(obj, self.limits))
         except Invalid as err:
+            err.event_id = err.event_id or (event_id_of(obj) if obj else None)
             self._error(R.invalid(self.ids, err))
         except ServerError as err:
             self.hub.metrics.errors.labels(err.code).inc()
@@ -114,7 +117,7 @@ class RealtimeFront:
 
     async def close(self) -> None:
         """The connection ended: end the call and everything it started."""
-        self._closed = True
+        self._closed = self.responses.closed = True
         await self.call.close()
 
     async def _dispatch(self, ev: ClientEvent) -> None:
@@ -133,22 +136,24 @@ class RealtimeFront:
             self._reset_input()
             self._send(self._event("input_audio_buffer.cleared"))
         elif isinstance(ev, ItemCreate):
-            item_id = self.ids.new("item")
-            item, previous = R.user_item(item_id, text=ev.text), self._previous(item_id)
-            self._send(self._event("conversation.item.added", previous_item_id=previous, item=item))
-            self._send(self._event("conversation.item.done", previous_item_id=previous, item=item))
+            self._added(R.user_item(self.ids.new("item"), text=ev.text))
             self._pending_user.append(ev.text)
+        elif isinstance(ev, FunctionOutput):
+            self.responses.fn.output(ev)  # an unknown call_id is refused here, and nothing is added
+            self._added(T.function_output_item(self.ids.new("item"), ev))
         elif isinstance(ev, ResponseCreate):
-            if self.response is not None and not self.response.closed:
-                raise Invalid(f"the conversation already has an active response ({self.response.id})",
+            if self.responses.active is not None:
+                raise Invalid(f"the conversation already has an active response ({self.responses.active.id})",
                               code="conversation_already_has_active_response", event_id=ev.event_id)
-            self._start_response(ev.instructions, ev.audio_output, ev.out_of_band)
+            tools, choice = ev.tools if ev.tools is not None else self.cfg.tools, ev.tool_choice or self.cfg.tool_choice
+            T.check_choice(tools, choice, "response.tool_choice")
+            self._start_response(ev.instructions, ev.audio_output, ev.out_of_band, tools, choice)
         elif isinstance(ev, ResponseCancel):
-            resp = self.response
-            if resp is None or resp.closed or (ev.response_id is not None and ev.response_id != resp.id):
+            resp = self.responses.active
+            if resp is None or (ev.response_id is not None and ev.response_id != resp.id):
                 raise Invalid("there is no active response to cancel", code="response_cancel_not_active",
                               param="response_id", event_id=ev.event_id)
-            self._cancel_response("client_cancelled")
+            self.responses.cancel("client_cancelled")
         elif isinstance(ev, ItemTruncate):
             if ev.item_id not in self._assistant_items:
                 raise Invalid(f"no assistant item {ev.item_id[:64]!r} to truncate", param="item_id",
@@ -239,31 +244,15 @@ class RealtimeFront:
         """One core event as Realtime events, for the response (or the user item) it belongs to."""
         if self._closed:
             return
-        resp = self.response if self.response is not None and not self.response.closed else None
-        mine = resp is not None and getattr(event, "request_id", None) == resp.id
-        if isinstance(event, Token):
-            msg = resp.text_delta(event.delta, event.tokens) if resp is not None and mine else None
-            if msg is not None:
-                self.out.send_data(msg, turn)
-        elif isinstance(event, Speech):
-            if resp is not None and mine:
-                for msg in resp.audio_deltas(event.audio):
-                    self.out.send_data(msg, turn)
-        elif isinstance(event, Answer):
-            if resp is not None and mine:
-                self._finish(resp, "completed")
-        elif isinstance(event, Transcribed):
+        if self.responses.on_event(event, turn):
+            return
+        if isinstance(event, Transcribed):
             self._transcribed(event)
         elif isinstance(event, VoiceActivity):
             self._voice_activity(event)
         elif isinstance(event, Failure):
-            err = event.error
-            if self.response is not None and err.request_id == self.response.id:
-                # A response's failure is told by its response.done (and its cancellation was told already).
-                if resp is not None:
-                    self._finish(resp, "failed", R.failed_details(err.code, err.message))
-                return
             # Not of a response: an audio frame refused, an utterance cut at the cap, an engine error.
+            err = event.error
             rid = err.request_id if isinstance(err.request_id, str) else None
             kind = "invalid_request_error" if isinstance(err, ProtocolError) else "server_error"
             self._error(R.error(self.ids, err.message, code=err.code, kind=kind, client_event_id=rid))
@@ -275,7 +264,7 @@ class RealtimeFront:
             self._send(self._event("input_audio_buffer.speech_started", audio_start_ms=ev.audio_ms,
                                    item_id=self._vad_item))
             if td is not None and td.interrupt_response:
-                self._cancel_response("turn_detected")
+                self.responses.cancel("turn_detected")
         elif self._vad_item is not None:
             self._send(self._event("input_audio_buffer.speech_stopped", audio_end_ms=ev.audio_ms,
                                    item_id=self._vad_item))
@@ -304,69 +293,25 @@ class RealtimeFront:
         self._heard(item_id, ev.text.strip())
         td = self.cfg.turn_detection
         if td is not None and td.create_response and ev.text.strip():
-            if self.response is not None and not self.response.closed:
+            if self.responses.active is not None:
                 self._respond_after = True  # interrupt_response is off: this turn is answered next
             else:
                 self._start_response(None, None, False)
 
     # ------------------------------------------------------------------ responses
 
-    def _start_response(self, instructions: str | None, audio_output: bool | None, out_of_band: bool) -> None:
-        audio = self.cfg.audio_output if audio_output is None else audio_output
-        resp = R.Response(self.ids, self.ids.new("resp"), self.ids.new("item"), audio, self.cfg.output_format,
-                          out_of_band=out_of_band)
-        resp.user_text = "\n".join(self._pending_user)
-        context: tuple[tuple[str, str], ...] | None = None
-        if instructions is not None or out_of_band:
-            # This response alone runs on other instructions (or outside the conversation): a context.
-            prompt = instructions or self.session.system_prompt or self.hub.engines.default_prompt
-            context = (("system", prompt), *self.session.history)
+    def _start_response(self, instructions: str | None, audio_output: bool | None, out_of_band: bool,
+                        tools: tuple[Tool, ...] | None = None, choice: T.ToolChoice | None = None) -> None:
+        user_text, item_id, previous = "\n".join(self._pending_user), self.ids.new("item"), None
         if not out_of_band:
             self._pending_user.clear()
-        previous = self._previous(resp.item_id) if not out_of_band else None
-        if not out_of_band:
-            self._assistant_items.append(resp.item_id)
-        self.response, self._respond_after = resp, False
-        self._context_turn, self._response_epoch = context is not None, self.session.history_epoch
-        for msg in resp.opening(previous):
-            self._send(msg)
-        try:
-            turn = self.call.start_turn(resp.user_text, kind="realtime", request_id=resp.id, speak=audio,
-                                        stream_tokens=True, context=context)
-        except ServerError as err:
-            self._finish(resp, "failed", R.failed_details(err.code, err.message))
-            return
-        if turn.task is not None:
-            turn.task.add_done_callback(lambda _t: self._turn_ended(resp))
-        log.info("realtime.response", session=self.session.id, response=resp.id, audio=audio,
-                 chars=len(resp.user_text), instructions=instructions is not None, out_of_band=out_of_band)
-
-    def _turn_ended(self, resp: R.Response) -> None:
-        """The response's turn is over: one that ended without an answer still gets its response.done."""
-        if not resp.closed and not self._closed:
-            self._finish(resp, "failed", R.failed_details("internal", "the response ended without an answer"))
-
-    def _cancel_response(self, reason: str) -> None:
-        resp = self.response
-        if resp is None or resp.closed:
-            return
-        events = resp.closing("cancelled", R.cancelled_details(reason))  # closed first: its cancel is not news
-        self.call.cancel_all()  # its turn is cancelled: the deltas still queued are dropped unsent
-        for msg in events:
-            self._send(msg)
-        log.info("realtime.response_done", session=self.session.id, response=resp.id, status="cancelled",
-                 reason=reason, audio_bytes=resp.audio_bytes)
-        self._next_response()
-
-    def _finish(self, resp: R.Response, status: str, details: dict[str, Any] | None = None) -> None:
-        for msg in resp.closing(status, details):
-            self._send(msg)
-        if status == "completed" and self._context_turn and not resp.out_of_band:
-            # The core keeps no history for a turn run on a context: this one belongs to the conversation.
-            self.session.add_turn(resp.user_text, resp.deltas.text, self._response_epoch)
-        log.info("realtime.response_done", session=self.session.id, response=resp.id, status=status,
-                 audio_bytes=resp.audio_bytes, tokens=resp.output_tokens)
-        self._next_response()
+            previous = self._previous(item_id)
+            self._assistant_items.append(item_id)
+        self._respond_after = False
+        self.responses.start(user_text, item_id, previous, audio=self.cfg.audio_output if audio_output is None
+                             else audio_output, output_format=self.cfg.output_format, instructions=instructions,
+                             out_of_band=out_of_band, tools=self.cfg.tools if tools is None else tools,
+                             choice=choice or self.cfg.tool_choice)
 
     def _next_response(self) -> None:
         if self._respond_after and self._pending_user:
@@ -383,6 +328,12 @@ class RealtimeFront:
     def _error(self, msg: dict[str, Any]) -> None:
         log.info("realtime.error", session=self.session.id, code=msg["error"]["code"], param=msg["error"]["param"])
         self.out.send_control(msg)
+
+    def _added(self, item: dict[str, Any]) -> None:
+        """A client's item, added to the conversation (and done: it is whole)."""
+        previous = self._previous(item["id"])
+        self._send(self._event("conversation.item.added", previous_item_id=previous, item=item))
+        self._send(self._event("conversation.item.done", previous_item_id=previous, item=item))
 
     def _previous(self, item_id: str) -> str | None:
         """The item before `item_id`, which becomes the last one."""

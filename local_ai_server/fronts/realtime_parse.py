@@ -13,22 +13,21 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..tool_decl import Tool
+from .realtime_fields import Invalid, get_bool, get_int, get_obj, get_str, is_number, short
+from .realtime_tools import (
+    FunctionOutput,
+    ToolChoice,
+    check_choice,
+    parse_function_output,
+    parse_realtime_tools,
+    parse_tool_choice,
+)
+
 # Wire audio formats -> (rate, what the core takes in, what the core puts out).
 FORMATS: dict[str, int] = {"audio/pcm": 24000, "audio/pcmu": 8000, "audio/pcma": 8000}
 BETA_FORMATS: dict[str, str] = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma"}
 MODALITIES = ("audio", "text")
-
-
-class Invalid(Exception):
-    """A client event that cannot be accepted as it is; its message goes to the client verbatim."""
-
-    def __init__(self, message: str, *, code: str = "invalid_value", param: str | None = None,
-                 event_id: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.param = param
-        self.event_id = event_id
 
 
 @dataclass(frozen=True)
@@ -59,6 +58,8 @@ class SessionConfig:
     output_format: str = "audio/pcm"
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
     audio_output: bool = True  # output_modalities ["audio"]; False: ["text"]
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = ToolChoice()
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,11 @@ class SessionPatch:
     turn_detection: TurnDetection | None = None
     turn_detection_set: bool = False
     audio_output: bool | None = None
+    tools: tuple[Tool, ...] | None = None
+    tool_choice: ToolChoice | None = None
 
     def apply(self, cfg: SessionConfig) -> SessionConfig:
-        """The session with this update applied."""
+        """The session with this update applied; Invalid if the result forces a function it does not declare."""
         out = cfg
         if self.instructions_set:
             out = replace(out, instructions=self.instructions or None)
@@ -86,6 +89,11 @@ class SessionPatch:
             out = replace(out, turn_detection=self.turn_detection)
         if self.audio_output is not None:
             out = replace(out, audio_output=self.audio_output)
+        if self.tools is not None:
+            out = replace(out, tools=self.tools)
+        if self.tool_choice is not None:
+            out = replace(out, tool_choice=self.tool_choice)
+        check_choice(out.tools, out.tool_choice, "session.tool_choice")
         return out
 
 
@@ -140,6 +148,8 @@ class ResponseCreate:
     instructions: str | None = None
     audio_output: bool | None = None
     out_of_band: bool = False  # conversation "none": the answer is not added to the conversation
+    tools: tuple[Tool, ...] | None = None  # this response's tools and tool_choice, instead of the session's
+    tool_choice: ToolChoice | None = None
 
 
 @dataclass(frozen=True)
@@ -148,8 +158,8 @@ class ResponseCancel:
     response_id: str | None
 
 
-ClientEvent = (SessionUpdate | AudioAppend | AudioCommit | AudioClear | ItemCreate | ItemTruncate | ResponseCreate
-               | ResponseCancel)
+ClientEvent = (SessionUpdate | AudioAppend | AudioCommit | AudioClear | ItemCreate | FunctionOutput | ItemTruncate
+               | ResponseCreate | ResponseCancel)
 
 # Known events this server does not serve (said so, rather than "unknown").
 UNSUPPORTED = {
@@ -185,25 +195,29 @@ def parse(obj: dict[str, Any], limits: Limits = Limits()) -> ClientEvent:
         if not isinstance(kind, str):
             raise Invalid("missing the event's type", code="missing_required_parameter", param="type")
         if kind == "session.update":
-            return SessionUpdate(eid, parse_session(_obj(obj, "session", required=True) or {}, limits))
+            return SessionUpdate(eid, parse_session(get_obj(obj, "session", required=True) or {}, limits))
         if kind == "input_audio_buffer.append":
-            return AudioAppend(eid, _str(obj, "audio", required=True) or "")
+            return AudioAppend(eid, get_str(obj, "audio", required=True) or "")
         if kind == "input_audio_buffer.commit":
             return AudioCommit(eid)
         if kind == "input_audio_buffer.clear":
             return AudioClear(eid)
         if kind == "conversation.item.create":
-            return ItemCreate(eid, _user_text(_obj(obj, "item", required=True) or {}, limits))
+            item = get_obj(obj, "item", required=True) or {}
+            if item.get("type") == "function_call_output":
+                return parse_function_output(eid, item)
+            return ItemCreate(eid, _user_text(item, limits))
         if kind == "conversation.item.truncate":
-            return ItemTruncate(eid, _str(obj, "item_id", required=True) or "", _int(obj, "content_index", 0, 0, 16),
-                                _int(obj, "audio_end_ms", None, 0, 24 * 3600 * 1000))
+            return ItemTruncate(eid, get_str(obj, "item_id", required=True) or "",
+                                get_int(obj, "content_index", 0, 0, 16),
+                                get_int(obj, "audio_end_ms", None, 0, 24 * 3600 * 1000))
         if kind == "response.create":
-            return _response_create(eid, _obj(obj, "response") or {}, limits)
+            return _response_create(eid, get_obj(obj, "response") or {}, limits)
         if kind == "response.cancel":
-            return ResponseCancel(eid, _str(obj, "response_id"))
+            return ResponseCancel(eid, get_str(obj, "response_id"))
         if kind in UNSUPPORTED:
             raise Invalid(UNSUPPORTED[kind], code="unsupported_event", param="type")
-        raise Invalid(f"unknown event type {_short(kind)}", code="invalid_event_type", param="type")
+        raise Invalid(f"unknown event type {short(kind)}", code="invalid_event_type", param="type")
     except Invalid as err:
         err.event_id = eid
         raise
@@ -223,12 +237,16 @@ def parse_session(s: dict[str, Any], limits: Limits) -> SessionPatch:
             raise Invalid(f"instructions longer than {limits.max_instructions_chars} characters",
                           param="session.instructions")
         patch.update(instructions=text, instructions_set=True)
+    if "tools" in s:
+        patch["tools"] = parse_realtime_tools(s["tools"], "session.tools")
+    if s.get("tool_choice") is not None:
+        patch["tool_choice"] = parse_tool_choice(s["tool_choice"], "session.tool_choice")
     for key in ("output_modalities", "modalities"):
         if key in s:
             patch["audio_output"] = _modalities(s[key], f"session.{key}")
-    audio = _obj(s, "audio", param="session.audio") or {}
-    audio_in = _obj(audio, "input", param="session.audio.input") or {}
-    audio_out = _obj(audio, "output", param="session.audio.output") or {}
+    audio = get_obj(s, "audio", param="session.audio") or {}
+    audio_in = get_obj(audio, "input", param="session.audio.input") or {}
+    audio_out = get_obj(audio, "output", param="session.audio.output") or {}
     for where, param, beta in ((audio_in, "session.audio.input.format", "input_audio_format"),
                                (audio_out, "session.audio.output.format", "output_audio_format")):
         fmt = _format(where["format"], param) if "format" in where else None
@@ -252,22 +270,22 @@ def _turn_detection(td: Any, param: str) -> TurnDetection | None:
         raise Invalid("turn_detection must be an object or null", code="invalid_type", param=param)
     kind = td.get("type", "server_vad")
     if kind != "server_vad":
-        raise Invalid(f"turn_detection type {_short(kind)} is not supported; use server_vad or null",
+        raise Invalid(f"turn_detection type {short(kind)} is not supported; use server_vad or null",
                       param=f"{param}.type")
     threshold = td.get("threshold")
-    if threshold is not None and (not _is_number(threshold) or not 0.0 <= threshold <= 1.0):
+    if threshold is not None and (not is_number(threshold) or not 0.0 <= threshold <= 1.0):
         raise Invalid("threshold must be a number from 0 to 1", param=f"{param}.threshold")
     return TurnDetection(
         threshold=float(threshold) if threshold is not None else None,
-        prefix_padding_ms=_int(td, "prefix_padding_ms", None, 0, 5000, param, optional=True),
-        silence_duration_ms=_int(td, "silence_duration_ms", None, 50, 10000, param, optional=True),
-        create_response=_bool(td, "create_response", True, param),
-        interrupt_response=_bool(td, "interrupt_response", True, param),
+        prefix_padding_ms=get_int(td, "prefix_padding_ms", None, 0, 5000, param, optional=True),
+        silence_duration_ms=get_int(td, "silence_duration_ms", None, 50, 10000, param, optional=True),
+        create_response=get_bool(td, "create_response", True, param),
+        interrupt_response=get_bool(td, "interrupt_response", True, param),
     )
 
 
 def _response_create(eid: str | None, r: dict[str, Any], limits: Limits) -> ResponseCreate:
-    instructions = _str(r, "instructions", param="response.instructions")
+    instructions = get_str(r, "instructions", param="response.instructions")
     if instructions is not None and len(instructions) > limits.max_instructions_chars:
         raise Invalid(f"instructions longer than {limits.max_instructions_chars} characters",
                       param="response.instructions")
@@ -281,14 +299,17 @@ def _response_create(eid: str | None, r: dict[str, Any], limits: Limits) -> Resp
     if r.get("input") is not None:
         raise Invalid("response.input is not supported: the response answers the conversation",
                       code="unsupported_parameter", param="response.input")
-    return ResponseCreate(eid, instructions, audio_output, out_of_band=conversation == "none")
+    tools = parse_realtime_tools(r["tools"], "response.tools") if r.get("tools") is not None else None
+    choice = parse_tool_choice(r["tool_choice"], "response.tool_choice") if r.get("tool_choice") is not None else None
+    return ResponseCreate(eid, instructions, audio_output, out_of_band=conversation == "none", tools=tools,
+                          tool_choice=choice)
 
 
 def _user_text(item: dict[str, Any], limits: Limits) -> str:
     """The text of a user message item (input_text parts joined)."""
     kind = item.get("type", "message")
     if kind != "message":
-        raise Invalid(f"items of type {_short(kind)} are not supported; add a user message",
+        raise Invalid(f"items of type {short(kind)} are not supported; add a user message or a function_call_output",
                       code="unsupported_parameter", param="item.type")
     if item.get("role") != "user":
         raise Invalid("only user messages may be added to the conversation", param="item.role")
@@ -339,56 +360,3 @@ def _beta_format(value: Any, param: str) -> str:
     if isinstance(value, str) and value in FORMATS:
         return value
     raise Invalid("audio format must be pcm16, g711_ulaw or g711_alaw", param=param)
-
-
-def _obj(obj: dict[str, Any], key: str, *, required: bool = False, param: str | None = None) -> dict[str, Any] | None:
-    value = obj.get(key)
-    if value is None:
-        if required:
-            raise Invalid(f"missing required parameter {key}", code="missing_required_parameter", param=param or key)
-        return None
-    if not isinstance(value, dict):
-        raise Invalid(f"{key} must be an object", code="invalid_type", param=param or key)
-    return value
-
-
-def _str(obj: dict[str, Any], key: str, *, required: bool = False, param: str | None = None) -> str | None:
-    value = obj.get(key)
-    if value is None:
-        if required:
-            raise Invalid(f"missing required parameter {key}", code="missing_required_parameter", param=param or key)
-        return None
-    if not isinstance(value, str):
-        raise Invalid(f"{key} must be a string", code="invalid_type", param=param or key)
-    return value
-
-
-def _bool(obj: dict[str, Any], key: str, default: bool, where: str) -> bool:
-    value = obj.get(key, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise Invalid(f"{key} must be true or false", code="invalid_type", param=f"{where}.{key}")
-    return value
-
-
-def _int(obj: dict[str, Any], key: str, default: int | None, lo: int, hi: int, where: str | None = None, *,
-         optional: bool = False) -> Any:
-    param = f"{where}.{key}" if where else key
-    value = obj.get(key, default)
-    if value is None:
-        if optional:
-            return None
-        raise Invalid(f"missing required parameter {key}", code="missing_required_parameter", param=param)
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise Invalid(f"{key} must be an integer from {lo} to {hi}", param=param)
-    return value
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."

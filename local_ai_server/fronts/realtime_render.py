@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from ..audio import alaw_encode
 from ..voice.events import Event
 from ..voice.turn import Turn
 from .realtime_parse import FORMATS, Invalid, SessionConfig
+from .realtime_tools import function_call_item, tools_wire
 
 # Raw audio per response.output_audio.delta: 200 ms, so a client may start playing before a sentence ends.
 DELTA_MS = 200
@@ -86,8 +88,8 @@ def session_object(cfg: SessionConfig, about: About, vad: VadDefaults) -> dict[s
         "model": about.model,
         "output_modalities": ["audio"] if cfg.audio_output else ["text"],
         "instructions": cfg.instructions or "",
-        "tools": [],
-        "tool_choice": "auto",
+        "tools": tools_wire(cfg.tools),
+        "tool_choice": cfg.tool_choice.wire(),
         "max_output_tokens": "inf",
         "tracing": None,
         "prompt": None,
@@ -161,12 +163,16 @@ class Response:
     output_format: str
     out_of_band: bool = False
     user_text: str = ""
+    previous_item_id: str | None = None  # the conversation item before its output item
     deltas: TextDeltas = field(default_factory=TextDeltas)
     output_tokens: int = 0
     audio_bytes: int = 0
     closed: bool = False
+    item_open: bool = False  # its message item was added (a response that became a function call has none)
+    output_item: dict[str, Any] | None = None  # the function call it made instead
 
-    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """A server event of this response, with a fresh event_id."""
         return {"type": kind, "event_id": self.ids.new("event"), **fields}
 
     def _part(self, **fields: Any) -> dict[str, Any]:
@@ -179,7 +185,9 @@ class Response:
     def body(self, status: str, details: dict[str, Any] | None = None, *, with_output: bool = False) -> dict[str, Any]:
         """The response object, as response.created and response.done carry it."""
         output = []
-        if with_output:
+        if with_output and self.output_item is not None:
+            output = [self.output_item]
+        elif with_output and self.item_open:
             output = [assistant_item(self.item_id, self.audio, self.deltas.text,
                                      "completed" if status == "completed" else "incomplete")]
         usage = {"total_tokens": self.output_tokens, "input_tokens": 0, "output_tokens": self.output_tokens,
@@ -194,13 +202,21 @@ class Response:
 
     def opening(self, previous_item_id: str | None) -> list[dict[str, Any]]:
         """response.created up to the content part the deltas go into."""
+        return [self.created(), *self.message_opening(previous_item_id)]
+
+    def created(self) -> dict[str, Any]:
+        """response.created (its output item follows once it is known: a message or a function call)."""
+        return self.event("response.created", response=self.body("in_progress"))
+
+    def message_opening(self, previous_item_id: str | None) -> list[dict[str, Any]]:
+        """The assistant message item and its content part, which the deltas go into."""
+        self.item_open = True
         item = assistant_item(self.item_id, self.audio, None, "in_progress")
-        events = [self._event("response.created", response=self.body("in_progress")),
-                  self._event("response.output_item.added", response_id=self.id, output_index=0, item=item)]
+        events = [self.event("response.output_item.added", response_id=self.id, output_index=0, item=item)]
         if not self.out_of_band:
-            events.append(self._event("conversation.item.added", previous_item_id=previous_item_id, item=item))
+            events.append(self.event("conversation.item.added", previous_item_id=previous_item_id, item=item))
         part = {"type": "audio", "transcript": ""} if self.audio else {"type": "text", "text": ""}
-        events.append(self._event("response.content_part.added", **self._part(part=part)))
+        events.append(self.event("response.content_part.added", **self._part(part=part)))
         return events
 
     def text_delta(self, delta: str, tokens: int) -> dict[str, Any] | None:
@@ -210,31 +226,54 @@ class Response:
         if not piece:
             return None
         kind = "response.output_audio_transcript.delta" if self.audio else "response.output_text.delta"
-        return self._event(kind, **self._part(delta=piece))
+        return self.event(kind, **self._part(delta=piece))
 
     def audio_deltas(self, payload: bytes) -> list[dict[str, Any]]:
         """A chunk of speech as audio deltas."""
         self.audio_bytes += len(payload)
-        return [self._event("response.output_audio.delta", **self._part(delta=b64))
+        return [self.event("response.output_audio.delta", **self._part(delta=b64))
                 for b64 in audio_chunks(payload, self.output_format)]
 
     def closing(self, status: str, details: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Everything that ends the response, response.done last; `status` completed, cancelled or failed."""
         self.closed = True
+        if not self.item_open:  # ended while its tools were being decided: no output item was added
+            return [self.event("response.done", response=self.body(status, details, with_output=True))]
         item_status = "completed" if status == "completed" else "incomplete"
         text = self.deltas.text
         events = []
         if self.audio:
-            events += [self._event("response.output_audio.done", **self._part()),
-                       self._event("response.output_audio_transcript.done", **self._part(transcript=text))]
+            events += [self.event("response.output_audio.done", **self._part()),
+                       self.event("response.output_audio_transcript.done", **self._part(transcript=text))]
         else:
-            events.append(self._event("response.output_text.done", **self._part(text=text)))
+            events.append(self.event("response.output_text.done", **self._part(text=text)))
         item = assistant_item(self.item_id, self.audio, text, item_status)
-        events += [self._event("response.content_part.done", **self._part(part=self._content())),
-                   self._event("response.output_item.done", response_id=self.id, output_index=0, item=item)]
+        events += [self.event("response.content_part.done", **self._part(part=self._content())),
+                   self.event("response.output_item.done", response_id=self.id, output_index=0, item=item)]
         if not self.out_of_band:
-            events.append(self._event("conversation.item.done", item=item))
-        events.append(self._event("response.done", response=self.body(status, details, with_output=True)))
+            events.append(self.event("conversation.item.done", item=item))
+        events.append(self.event("response.done", response=self.body(status, details, with_output=True)))
+        return events
+
+
+    def function_call(self, previous_item_id: str | None, call_id: str, name: str,
+                      parameters: dict[str, Any]) -> list[dict[str, Any]]:
+        """This response's output as one function call, from its output item to response.done (it closes it)."""
+        arguments = json.dumps(parameters, ensure_ascii=False)
+        part = {"response_id": self.id, "item_id": self.item_id, "output_index": 0, "call_id": call_id}
+        added = function_call_item(self.item_id, call_id, name, "", "in_progress")
+        done = function_call_item(self.item_id, call_id, name, arguments, "completed")
+        self.closed, self.output_item = True, done
+        events = [self.event("response.output_item.added", response_id=self.id, output_index=0, item=added)]
+        if not self.out_of_band:
+            events.append(self.event("conversation.item.added", previous_item_id=previous_item_id, item=added))
+        # The grammar-held decision comes whole: its arguments are one delta.
+        events += [self.event("response.function_call_arguments.delta", **part, delta=arguments),
+                   self.event("response.function_call_arguments.done", **part, name=name, arguments=arguments),
+                   self.event("response.output_item.done", response_id=self.id, output_index=0, item=done)]
+        if not self.out_of_band:
+            events.append(self.event("conversation.item.done", item=done))
+        events.append(self.event("response.done", response=self.body("completed", with_output=True)))
         return events
 
 

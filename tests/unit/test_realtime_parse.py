@@ -19,6 +19,7 @@ from local_ai_server.fronts.realtime_parse import (
     AudioAppend,
     AudioClear,
     AudioCommit,
+    FunctionOutput,
     Invalid,
     ItemCreate,
     ItemTruncate,
@@ -116,8 +117,13 @@ def test_items() -> None:
     ev = parse({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
         {"type": "input_text", "text": "Hello"}, {"type": "input_text", "text": "there"}]}})
     assert ev == ItemCreate(None, "Hello\nthere")
-    assert refused({"type": "conversation.item.create", "item": {"type": "function_call_output", "output": "{}"}}
-                   ).code == "unsupported_parameter"
+    out = parse({"type": "conversation.item.create", "event_id": "o1",
+                 "item": {"type": "function_call_output", "call_id": "call_1", "output": "{}"}})
+    assert out == FunctionOutput("o1", "call_1", "{}")
+    missing = refused({"type": "conversation.item.create", "item": {"type": "function_call_output", "output": "{}"}})
+    assert (missing.code, missing.param) == ("missing_required_parameter", "item.call_id")
+    assert refused({"type": "conversation.item.create", "item": {"type": "function_call", "name": "f",
+                                                                "arguments": "{}"}}).code == "unsupported_parameter"
     assert refused({"type": "conversation.item.create", "item": {"role": "system", "content": [
         {"type": "input_text", "text": "x"}]}}).param == "item.role"
     assert refused({"type": "conversation.item.create", "item": {"role": "user", "content": [

@@ -174,6 +174,29 @@ async def test_full_mode_voice_turn_on_the_remote_engine(server: ServerProc,
         await c.close()
 
 
+TRANSFER = {"name": "transfer_call", "description": "Transfer the caller to a department or a human agent.",
+            "parameters": {"type": "object", "properties": {"destination": {"type": "string",
+                                                                             "enum": ["sales", "support"]}},
+                           "required": ["destination"]}}
+
+
+async def test_structured_tool_decision_is_held_to_the_schema_by_the_engine(server: ServerProc) -> None:
+    c = await connect(server)
+    try:
+        await c.send({"type": "tool_context", "protocol_version": 2, "call_id": "rt", "tools": [TRANSFER],
+                      "allowed_tools": ["transfer_call"], "tool_policy": "compatible"})
+        # The schema goes to the engine as response_format (json_object + schema): its grammar holds the
+        # 135M model to a declared tool with valid arguments, as the local pool's grammar does.
+        forced = await c.request({"type": "llm_tool_request", "request_id": "rt1", "call_id": "rt", "text": "",
+                                  "latest_user_text": "Transfer me to support please.", "tool_choice": "required"},
+                                 "llm_tool_response", timeout=60)
+        assert forced["tool_path"] == "structured" and forced["structured_attempts"] == 1, forced
+        assert [t["name"] for t in forced["tool_calls"]] == ["transfer_call"]
+        assert forced["tool_calls"][0]["parameters"]["destination"] in ("sales", "support")
+    finally:
+        await c.close()
+
+
 async def test_barge_in_closes_the_engine_stream(server: ServerProc, engine: Engine) -> None:
     c = await connect(server)
     try:
@@ -252,3 +275,32 @@ async def test_wrong_key_or_model_is_a_clear_error(case: str, engine: Engine, gg
             eng.stop()
     assert secret not in srv.logs() and secret not in json.dumps(body)
     assert any(e.get("event") == "llm.remote_state" and want in (e.get("error") or "") for e in srv.log_events())
+
+
+async def test_switch_model_between_remote_and_local(server: ServerProc, gguf: Path) -> None:
+    c = await connect(server)
+    try:
+        async def switch(llm: str) -> dict[str, Any]:
+            return await c.request({"type": "switch_model", "llm_model_path": llm, "request_id": llm},
+                                   "switch_response", timeout=120)
+
+        bad = await switch("openai:no-such-model")
+        assert bad["status"] == "error" and "does not serve model 'no-such-model'" in bad["message"], bad
+        assert (await switch("openai:smol"))["status"] == "no_change"
+        local = await switch(str(gguf))  # a local GGUF: a worker process is spawned, the remote closed
+        assert local["status"] == "success", local
+        status = await c.request({"type": "status"}, "status_response")
+        assert status["models"]["llm"]["backend"] == "llama_cpp" and len(status["pool"]["pids"]) == 1
+        reply = await c.request({"type": "llm_request", "text": "Say hello.", "request_id": "on-local"},
+                                "llm_response", timeout=60)
+        assert reply["text"].strip()
+        back = await switch("openai:smol")
+        assert back["status"] == "success", back
+        status = await c.request({"type": "status"}, "status_response")
+        assert status["models"]["llm"]["backend"] == "openai" and status["pool"]["pids"] == []
+        reply = await c.request({"type": "llm_request", "text": "Say hello.", "request_id": "on-remote"},
+                                "llm_response", timeout=60)
+        assert reply["text"].strip()
+    finally:
+        await c.close()
+    assert ready(server)[0] == 200

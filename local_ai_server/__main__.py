@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-model", type=Path, help="GGUF file (LOCAL_LLM_MODEL_PATH)")
     p.add_argument("--tts-model", type=Path, help="Piper .onnx voice (LOCAL_TTS_MODEL_PATH)")
     p.add_argument("--llm-workers", type=int, help="LLM worker processes (LOCAL_LLM_WORKERS, default 1)")
+    p.add_argument("--llm-backend", choices=("local", "openai"),
+                   help="local worker pool or an OpenAI-compatible server (LOCAL_LLM_BACKEND, default local)")
+    p.add_argument("--llm-url", help="the remote LLM's base URL, e.g. http://127.0.0.1:8080/v1 (LOCAL_LLM_REMOTE_URL)")
+    p.add_argument("--llm-model-name", help="the remote LLM's model name (LOCAL_LLM_REMOTE_MODEL; default: "
+                   "the first it lists)")
     p.add_argument("--wyoming-uri", help="also serve Wyoming (Home Assistant) on tcp://HOST:PORT or unix://PATH "
                    "(LOCAL_WYOMING_URI; off by default; tcp://0.0.0.0:10300 for the usual port)")
     p.add_argument("--wyoming-zeroconf", nargs="?", const="", metavar="NAME",
@@ -49,7 +54,8 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
     for flag, var in (("host", "LOCAL_WS_HOST"), ("port", "LOCAL_WS_PORT"), ("stt_model", "LOCAL_STT_MODEL_PATH"),
                       ("llm_model", "LOCAL_LLM_MODEL_PATH"), ("tts_model", "LOCAL_TTS_MODEL_PATH"),
                       ("llm_workers", "LOCAL_LLM_WORKERS"), ("log_level", "LOCAL_LOG_LEVEL"),
-                      ("wyoming_uri", "LOCAL_WYOMING_URI")):
+                      ("wyoming_uri", "LOCAL_WYOMING_URI"), ("llm_backend", "LOCAL_LLM_BACKEND"),
+                      ("llm_url", "LOCAL_LLM_REMOTE_URL"), ("llm_model_name", "LOCAL_LLM_REMOTE_MODEL")):
         value = getattr(args, flag)
         if value is not None:
             environ[var] = str(value)
@@ -108,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("server.config_warning", warning=warning)
     log.info("server.starting", host=cfg.host, port=cfg.port, tier=cfg.tier,
              stt=str(cfg.stt.model_path) if cfg.stt.model_path else None,
-             llm=str(cfg.llm.model_path) if cfg.llm.model_path else None,
+             llm=str(cfg.llm.model_path) if cfg.llm.model_path and cfg.llm.backend == "local" else None,
+             llm_backend=cfg.llm.backend, llm_url=cfg.llm.remote_url if cfg.llm.backend != "local" else None,
              tts=str(cfg.tts.model_path) if cfg.tts.model_path else None,
              llm_threads=cfg.llm.threads, stt_threads=cfg.stt.threads, tts_threads=cfg.tts.threads,
              auth=cfg.auth_token is not None, malloc_arenas=arenas,

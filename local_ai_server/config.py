@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .wyoming_uri import WyomingUri, parse_uri
 
@@ -17,6 +18,8 @@ DEFAULT_SYSTEM_PROMPT = (
     "Never use lists, markdown, emojis, code or symbols. "
     "If you do not know something, say so briefly."
 )
+
+BACKENDS = ("local", "openai")
 
 LOOPBACK_HOSTS = ("localhost", "::1", "ip6-localhost")
 
@@ -84,6 +87,14 @@ class LlmConfig:
     history_turns: int = 8
     # Start answering the speculative final at the first pause; its audio waits for the confirmed end.
     speculate: bool = True
+    # "local": the worker pool above; "openai": an OpenAI-compatible server at remote_url (no GGUF needed).
+    backend: str = "local"
+    remote_url: str | None = None
+    remote_api_key: str | None = field(default=None, repr=False)  # never printed, logged or sent
+    remote_model: str | None = None
+    remote_timeout_s: float = 10.0  # to the first token; infer_timeout_s bounds the whole answer
+    remote_concurrency: int = 4
+    remote_probe_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -258,6 +269,13 @@ def from_env(
         max_queue=_int(env, "LOCAL_LLM_MAX_QUEUE", 16, 0),
         infer_timeout_s=_float(env, "LOCAL_LLM_INFER_TIMEOUT_SEC", 60.0),
         speculate=_bool(env, "LOCAL_LLM_SPECULATE", True),
+        backend=_choice(env, "LOCAL_LLM_BACKEND", "local", BACKENDS),
+        remote_url=_get(env, "LOCAL_LLM_REMOTE_URL"),
+        remote_api_key=_get(env, "LOCAL_LLM_REMOTE_API_KEY"),
+        remote_model=_get(env, "LOCAL_LLM_REMOTE_MODEL"),
+        remote_timeout_s=_float(env, "LOCAL_LLM_REMOTE_TIMEOUT_S", 10.0),
+        remote_concurrency=_int(env, "LOCAL_LLM_REMOTE_CONCURRENCY", 4, 1),
+        remote_probe_s=_float(env, "LOCAL_LLM_REMOTE_PROBE_S", 5.0),
     )
     tts_model = _path(env, "LOCAL_TTS_MODEL_PATH") or sel.get("tts")
     tts = TtsConfig(model_path=tts_model, threads=_int(env, "LOCAL_TTS_THREADS", tts_threads, 1))
@@ -309,8 +327,24 @@ def validate(cfg: ServerConfig) -> None:
     for path in (cfg.tls_cert, cfg.tls_key):
         if path is not None and not path.is_file():
             raise ConfigError(f"TLS file not found: {path}")
+    _validate_remote(cfg.llm)
     if cfg.log_level not in ("debug", "info", "warning", "error", "critical"):
         raise ConfigError(f"LOCAL_LOG_LEVEL must be debug|info|warning|error, got {cfg.log_level!r}")
+
+
+def _validate_remote(llm: LlmConfig) -> None:
+    """The remote LLM backend's settings; an error names the URL, never the key."""
+    if llm.backend != "openai":
+        return
+    if not llm.remote_url:
+        raise ConfigError("LOCAL_LLM_BACKEND=openai needs LOCAL_LLM_REMOTE_URL (e.g. http://127.0.0.1:8080/v1)")
+    parts = urlsplit(llm.remote_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"LOCAL_LLM_REMOTE_URL must be an http(s) URL with a host, got {llm.remote_url!r}")
+    if parts.password or parts.username:
+        raise ConfigError("LOCAL_LLM_REMOTE_URL must not hold credentials; use LOCAL_LLM_REMOTE_API_KEY")
+    if llm.remote_timeout_s <= 0 or llm.remote_probe_s <= 0:
+        raise ConfigError("LOCAL_LLM_REMOTE_TIMEOUT_S and LOCAL_LLM_REMOTE_PROBE_S must be > 0")
 
 
 def with_overrides(cfg: ServerConfig, **changes: object) -> ServerConfig:

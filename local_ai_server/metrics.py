@@ -7,6 +7,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+_RATE_BUCKETS = (5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
 _LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -42,20 +43,42 @@ class Metrics:
         self.speculative_turns = Counter(
             "las_speculative_turns", "Answers started before the end of the utterance was confirmed, by outcome "
             "(started, confirmed, discarded)", ["outcome"], registry=r)
+        # Per LLM backend ("local" pool, "openai" remote): the same figures whichever serves the answer.
+        self.backend_requests = Counter("las_llm_backend_requests", "LLM generations per backend, by outcome",
+                                        ["backend", "outcome"], registry=r)
+        self.backend_errors = Counter("las_llm_backend_errors", "LLM generations that failed (error, timeout)"
+                                      " per backend", ["backend"], registry=r)
+        self.backend_first_token = Histogram("las_llm_backend_first_token_seconds", "Submit to first token "
+                                             "per backend", ["backend"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.backend_decode = Histogram("las_llm_backend_decode_tokens_per_second", "Decode rate after the "
+                                        "first token per backend", ["backend"], buckets=_RATE_BUCKETS, registry=r)
+        self.backend_up = Gauge("las_llm_backend_up", "1 while the LLM backend is ready", ["backend"], registry=r)
         self.audio_dropped = Counter("las_audio_frames_dropped", "Inbound audio frames dropped (queue full)",
                                      registry=r)
 
     def on_pool_event(self, name: str, data: dict[str, Any]) -> None:
         """Hook the LLM pool calls on state changes."""
         if name == "pool":
+            self.backend_up.labels(data.get("backend", "local")).set(1 if data["state"] == "ready" else 0)
             self.pool_workers.set(data["workers"])
             self.pool_busy.set(data["busy"])
             self.pool_queued.set(data["queued"])
         elif name == "generation":
             self.llm_generations.labels(data["outcome"]).inc()
             self.llm_tokens.inc(data.get("tokens", 0))
+            self._backend_generation(data)
         elif name == "worker_restart":
             self.worker_restarts.inc()
+
+    def _backend_generation(self, data: dict[str, Any]) -> None:
+        backend, outcome = data.get("backend", "local"), data["outcome"]
+        self.backend_requests.labels(backend, outcome).inc()
+        if outcome in ("error", "timeout"):
+            self.backend_errors.labels(backend).inc()
+        if data.get("first_token_ms") is not None:
+            self.backend_first_token.labels(backend).observe(data["first_token_ms"] / 1000)
+        if data.get("decode_tok_s"):
+            self.backend_decode.labels(backend).observe(data["decode_tok_s"])
 
     def render(self) -> bytes:
         """Prometheus text exposition."""

@@ -20,7 +20,10 @@ from .engines.tts import PiperTts
 from .engines.vad import SileroVad
 from .errors import InvalidField, ModelLoadError, NotReady, describe
 from .llm_pool import LlmPool
+from .llm_remote import BACKEND as REMOTE
+from .llm_remote import RemoteLlm
 from .metrics import Metrics
+from .model_status import model_status
 from .vad import VadStream
 
 log = structlog.get_logger(__name__)
@@ -56,7 +59,8 @@ class Engines:
         self.tts_exec = concurrent.futures.ThreadPoolExecutor(cfg.tts.concurrency, thread_name_prefix="tts")
         # Model loading, hashing, big base64/JSON decoding: never on the loop, never behind a transcription.
         self.aux_exec = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="aux")
-        self.pool = self._make_pool(cfg.llm.model_path)
+        self.pool: LlmPool | RemoteLlm = (self._make_remote(cfg.llm.remote_model) if cfg.llm.backend == REMOTE
+                                          else self._make_pool(cfg.llm.model_path))
         self.warming = True
         self.started_at = time.time()
         self.stt_inflight = 0  # transcriptions queued or running: partials yield to finals
@@ -74,6 +78,15 @@ class Engines:
             infer_timeout_s=c.infer_timeout_s,
             on_event=self.metrics.on_pool_event,
         )
+
+    def _make_remote(self, model: str | None) -> RemoteLlm:
+        c = self.cfg.llm
+        if not c.remote_url:
+            raise InvalidField("no remote LLM configured (LOCAL_LLM_REMOTE_URL)")
+        return RemoteLlm(c.remote_url, c.remote_api_key, model, concurrency=c.remote_concurrency,
+                         max_queue=c.max_queue, first_token_timeout_s=c.remote_timeout_s,
+                         infer_timeout_s=c.infer_timeout_s, probe_interval_s=c.remote_probe_s,
+                         on_event=self.metrics.on_pool_event)
 
     # ------------------------------------------------------------------ loading
 
@@ -201,15 +214,31 @@ class Engines:
 
     async def switch_llm(self, path: Path) -> None:
         """Load a new LLM into fresh workers; the old workers finish what they hold."""
-        if self.pool.state in ("empty", "failed") and not self.pool._workers:
+        if isinstance(self.pool, RemoteLlm) or (self.pool.state in ("empty", "failed") and not self.pool._workers):
             # Nothing serving: build a new pool so its state reflects the new model.
             pool = self._make_pool(path)
             await pool.start()
             if pool.state != "ready":
                 raise ModelLoadError(pool.error or "LLM model could not be loaded")
-            self.pool = pool
+            await self._replace_llm(pool)
             return
         await self.pool.load(path)
+
+    async def switch_remote(self, model: str | None) -> None:
+        """Serve the LLM from the configured remote backend with `model`; refused unless it answers ready."""
+        remote = self._make_remote(model)
+        await remote.start()
+        if remote.state != "ready":
+            error = remote.error or "remote LLM backend is not ready"
+            await remote.close()
+            raise ModelLoadError(error)
+        await self._replace_llm(remote)
+
+    async def _replace_llm(self, new: LlmPool | RemoteLlm) -> None:
+        """Serve from `new`; the old backend is closed (its answers in progress end `cancelled`)."""
+        old, self.pool = self.pool, new
+        if old is not new:
+            await old.close()
 
     async def switch_models(self, *, stt: str | None = None, llm: str | None = None, tts: str | None = None,
                             system_prompt: str | None = None, dry_run: bool = False) -> tuple[str, str, list[str]]:
@@ -218,8 +247,17 @@ class Engines:
         Returns (status, message, changed); raises InvalidField or ModelLoadError.
         """
         plan: list[tuple[str, Path]] = []
+        remote: list[str | None] = []  # llm "openai:<model>": the remote backend (at most one entry)
         for kind, raw in (("stt", stt), ("llm", llm), ("tts", tts)):
             if raw is None:
+                continue
+            if kind == "llm" and raw.startswith(f"{REMOTE}:"):
+                name = raw.split(":", 1)[1].strip() or self.cfg.llm.remote_model
+                if not self.cfg.llm.remote_url:
+                    raise InvalidField("no remote LLM configured (LOCAL_LLM_REMOTE_URL)")
+                pool = self.pool
+                if not (isinstance(pool, RemoteLlm) and pool.model == name and pool.state == "ready"):
+                    remote.append(name)
                 continue
             path = self.resolve_model_path(raw)
             current = {"stt": self.stt_state.path, "llm": self.pool.model_path, "tts": self.tts_state.path}[kind]
@@ -228,7 +266,7 @@ class Engines:
             if current is not None and path == current.resolve():
                 continue
             plan.append((kind, path))
-        changed = [f"{k}_model_path" for k, _ in plan]
+        changed = [f"{k}_model_path" for k, _ in plan] + ["llm_model_path" for _ in remote]
         if system_prompt is not None and system_prompt != self.default_prompt:
             # Applied even with dry_run: AVA's engine sends its prompt as a dry-run global switch.
             self.default_prompt = system_prompt or self.cfg.llm.system_prompt
@@ -239,11 +277,17 @@ class Engines:
             return "success", "dry run: " + ", ".join(changed) if plan else "system prompt updated", changed
         for kind, path in plan:
             await {"stt": self.switch_stt, "tts": self.switch_tts, "llm": self.switch_llm}[kind](path)
+        for name in remote:
+            await self.switch_remote(name)
         log.info("switch_model.done", changed=changed)
         return "success", "switched " + ", ".join(changed), changed
 
     async def reload(self, what: str, model_path: str | None = None) -> str:
         """Reload the LLM (from its path or `model_path`) or every model; returns what was done."""
+        if isinstance(self.pool, RemoteLlm) and not model_path:
+            await self.pool.check()  # a remote engine is reloaded by its operator: probe it now
+            if what == "llm":
+                return f"remote LLM re-checked ({self.pool.state})"
         if what == "llm" or model_path:
             path = self.resolve_model_path(model_path) if model_path else self.pool.model_path
             if path is None:
@@ -256,7 +300,7 @@ class Engines:
             await self.switch_stt(self.stt_state.path)
         if self.tts_state.path is not None:
             await self.switch_tts(self.tts_state.path)
-        if self.pool.model_path is not None:
+        if self.pool.model_path is not None and not isinstance(self.pool, RemoteLlm):
             await self.switch_llm(self.pool.model_path)
         return "models reloaded"
 
@@ -324,40 +368,7 @@ class Engines:
 
     def model_status(self) -> dict[str, Any]:
         """The `models` object of status_response."""
-        c = self.cfg.llm
-        llm_path = self.pool.model_path
-        return {
-            "stt": {
-                "backend": "faster_whisper",
-                "loaded": self.stt is not None,
-                "path": str(self.stt_state.path) if self.stt_state.path else None,
-                "display": self.stt_state.path.name if self.stt_state.path else None,
-                "state": self.stt_state.state,
-            },
-            "llm": {
-                "loaded": self.pool.state == "ready",
-                "path": str(llm_path) if llm_path else None,
-                "display": llm_path.name if llm_path else None,
-                "state": self.pool.state,
-                "config": {
-                    "context": c.context,
-                    "threads": c.threads,
-                    "batch": c.batch,
-                    "max_tokens": c.max_tokens,
-                    "temperature": c.temperature,
-                    "top_p": c.top_p,
-                    "repeat_penalty": c.repeat_penalty,
-                    "gpu_layers": c.gpu_layers,
-                },
-            },
-            "tts": {
-                "backend": "piper",
-                "loaded": self.tts is not None,
-                "path": str(self.tts_state.path) if self.tts_state.path else None,
-                "display": self.tts_state.path.stem if self.tts_state.path else None,
-                "state": self.tts_state.state,
-            },
-        }
+        return model_status(self)
 
     async def close(self) -> None:
         """Stop the pool and the threads."""

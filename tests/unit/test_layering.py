@@ -1,4 +1,4 @@
-"""The house's rules, checked: the call core and the front parsers import no socket and no model library."""
+"""The house's rules, checked: the call core and the front parsers import no socket, model or HTTP-client library."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-FORBIDDEN = ("websockets", "faster_whisper", "ctranslate2", "llama_cpp", "piper", "onnxruntime")
+FORBIDDEN = ("websockets", "faster_whisper", "ctranslate2", "llama_cpp", "piper", "onnxruntime", "openai")
 
 
 @pytest.mark.parametrize("module", ["local_ai_server.voice.call", "local_ai_server.voice.listen",

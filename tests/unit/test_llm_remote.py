@@ -1,0 +1,111 @@
+"""The remote LLM backend's logic against a fake HTTP server: states, limits, garbage, and its settings."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from local_ai_server.config import ConfigError, from_env, validate
+from local_ai_server.engines.llm import SamplingParams
+from local_ai_server.errors import Busy, Cancelled, EngineError, NotReady
+from local_ai_server.llm_remote import RemoteLlm
+
+SAMPLING = SamplingParams(max_tokens=16, temperature=0.0, top_p=1.0, repeat_penalty=1.0)
+MODELS = b'{"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "me"}]}'
+Handler = Callable[[str], tuple[int, bytes, str]]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[Callable[[Handler], asyncio.Future[str]]]:
+    """An HTTP/1.1 server answering each request with handler(path) -> (status, body, content type)."""
+    servers: list[asyncio.Server] = []
+
+    def start(handler: Handler) -> asyncio.Future[str]:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode()
+            length = next((int(line.split(":")[1]) for line in head.split("\r\n")
+                           if line.lower().startswith("content-length:")), 0)
+            await reader.readexactly(length)
+            status, body, ctype = handler(head.split(" ")[1])
+            writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}\r\n"
+                         "connection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+            writer.close()
+
+        async def run() -> str:
+            server = await asyncio.start_server(serve, "127.0.0.1", 0)
+            servers.append(server)
+            return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+
+        return asyncio.ensure_future(run())
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+async def test_garbage_stream_is_engine_error_and_a_401_fails_the_backend(
+        fake: Callable[[Handler], asyncio.Future[str]]) -> None:
+    url = await fake(lambda path: (200, MODELS, "application/json") if path.endswith("/models")
+                     else (200, b"data: {not json\n\n", "text/event-stream"))
+    llm = RemoteLlm(url, "sk-secret", "m", probe_interval_s=60)
+    await llm.start()
+    assert llm.state == "ready"
+    job = llm.submit([("user", "hi")], SAMPLING)
+    with pytest.raises(EngineError) as err:
+        async for _ in job.stream():
+            pass
+    assert "sk-secret" not in err.value.message and "/" not in err.value.message
+    await llm.close()
+
+    url = await fake(lambda path: (401, b'{"error": "bad key"}', "application/json"))
+    llm = RemoteLlm(url, "sk-secret", "m", probe_interval_s=60)
+    await llm.start()
+    assert llm.state == "failed" and llm.error is not None
+    assert "rejected the API key (HTTP 401)" in llm.error and url in llm.error and "sk-secret" not in llm.error
+    with pytest.raises(NotReady):
+        llm.submit([("user", "hi")], SAMPLING)
+    await llm.close()
+
+
+async def test_unknown_model_and_an_unreachable_backend() -> None:
+    llm = RemoteLlm("http://127.0.0.1:9/v1", None, "m", probe_interval_s=60)  # discard port: refused
+    await llm.start()
+    assert llm.state == "down" and llm.error is not None and "unreachable" in llm.error
+    await llm.close()
+
+
+async def test_queue_bound_and_cancel_of_a_queued_job() -> None:
+    llm = RemoteLlm("http://127.0.0.1:9/v1", None, "m", concurrency=1, max_queue=1, first_token_timeout_s=30)
+    llm.state = "ready"  # as if probed: the requests themselves retry the refused connection
+    running = llm.submit([("user", "a")], SAMPLING)
+    queued = llm.submit([("user", "b")], SAMPLING)
+    with pytest.raises(Busy):
+        llm.submit([("user", "c")], SAMPLING)
+    await asyncio.sleep(0.05)
+    assert llm.snapshot()["busy"] == 1 and llm.snapshot()["queued"] == 1
+    queued.cancel()
+    with pytest.raises(Cancelled):
+        async for _ in queued.stream():
+            pass
+    running.cancel()
+    await llm.close()
+    assert llm.counters["generations_cancelled"] == 2
+
+
+def test_remote_settings_are_validated_and_the_key_is_never_shown(tmp_path: Path) -> None:
+    base = {"LOCAL_LLM_BACKEND": "openai"}
+    with pytest.raises(ConfigError, match="LOCAL_LLM_REMOTE_URL"):
+        validate(from_env(base, models_dir=tmp_path))
+    for bad in ("127.0.0.1:8080", "ftp://host/v1", "http://user:pw@host/v1"):
+        with pytest.raises(ConfigError):
+            validate(from_env({**base, "LOCAL_LLM_REMOTE_URL": bad}, models_dir=tmp_path))
+    cfg = from_env({**base, "LOCAL_LLM_REMOTE_URL": "http://h:1/v1", "LOCAL_LLM_REMOTE_API_KEY": "sk-x"},
+                   models_dir=tmp_path)
+    validate(cfg)
+    assert cfg.llm.remote_api_key == "sk-x" and "sk-x" not in repr(cfg)
+    with pytest.raises(ConfigError, match="LOCAL_LLM_BACKEND"):
+        from_env({"LOCAL_LLM_BACKEND": "vllm"}, models_dir=tmp_path)

@@ -15,8 +15,8 @@ the last speech frame to the first audio: AVA's first binary `tts_audio` frame, 
 be told apart: before the transcript (segmentation, STT) or after it (the answer).
 
 Prints p50/p95 per front and the ratio realtime/ava of the p50s against the goal (<= 1.05); writes the
-JSON to --out. `--no-speculate` runs the server with LOCAL_LLM_SPECULATE=0, so the AVA front answers only
-after the final transcript, as the Realtime front always does: the two runs show what early answers are
+JSON to --out. `--no-speculate` runs the server with LOCAL_LLM_SPECULATE=0, so both fronts answer only
+after the final transcript (by default both start early, held): the two runs show what early answers are
 worth. The figures are only as quiet as the machine: `external_cores` says how busy the rest of it was.
 """
 
@@ -124,7 +124,7 @@ async def run(turns: int, speculate: bool) -> dict[str, Any]:
     srv = await asyncio.to_thread(procs.start_server, "ab", tmp, env)
     res: dict[str, Any] = {"turns_per_front": turns, "goal_ratio": GOAL_RATIO, "errors": [],
                            "speculation": {"ava": "on (LOCAL_LLM_SPECULATE)" if speculate else "off",
-                                           "realtime": "off (the front answers after the final transcript)"}}
+                                           "realtime": "on (LOCAL_LLM_SPECULATE)" if speculate else "off"}}
     ava = rt = None
     streams: list[Streamer] = []
     try:
@@ -199,8 +199,9 @@ def report(res: dict[str, Any]) -> str:
                  f"  (goal p50 <= {GOAL_RATIO}: {verdict}); per question, median "
                  f"{res.get('paired_ratio', {}).get('p50')}")
     server = res.get("server", {})
-    lines.append(f"  AVA early answers confirmed: {server.get('ava', {}).get('speculative_turns')} of "
-                 f"{server.get('ava', {}).get('turns')} turns; outside load {res.get('external_cores')} cores")
+    early = ", ".join(f"{f} {server.get(f, {}).get('speculative_turns')} of {server.get(f, {}).get('turns')}"
+                      for f in ("ava", "realtime"))
+    lines.append(f"  early answers confirmed: {early} turns; outside load {res.get('external_cores')} cores")
     if res.get("errors"):
         lines.append(f"  errors: {res['errors']}")
     return "\n".join(lines)

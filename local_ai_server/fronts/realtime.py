@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from ..errors import ProtocolError, ServerError
+from ..errors import ProtocolError, RequestId, ServerError
 from ..hub import Hub
 from ..outbox import ConnectionOutbox
 from ..session import Session
@@ -22,6 +22,7 @@ from ..tool_decl import Tool
 from ..vad import SegmenterSettings
 from ..voice.call import Call
 from ..voice.events import Event, Failure, Transcribed, VoiceActivity
+from ..voice.guess import Guess
 from ..voice.turn import Turn
 from . import realtime_render as R
 from . import realtime_tools as T
@@ -88,6 +89,9 @@ class RealtimeFront:
         self._awaiting: collections.deque[str] = collections.deque(maxlen=KEEP_ITEMS)  # stopped, not transcribed
         self._manual = ManualBuffer(MAX_BUFFER_S)
         self._closed = False
+        self._answer_final = False  # the final just transcribed calls for a response: heard() (next) starts it
+        self._guesses: dict[Turn, SessionConfig] = {}  # responses' turns started early, with the settings then
+        self.call.answer_stt_with(self)  # server_vad responses may start early (held) on the early transcript
         self._apply_session()
         self._send(self._event("session.created", session=self._session_object()))
         log.info("realtime.session_open", session=session.id, remote=remote, model=self.about.model)
@@ -292,16 +296,43 @@ class RealtimeFront:
             return
         self._heard(item_id, ev.text.strip())
         td = self.cfg.turn_detection
-        if td is not None and td.create_response and ev.text.strip():
-            if self.responses.active is not None:
-                self._respond_after = True  # interrupt_response is off: this turn is answered next
-            else:
-                self._start_response(None, None, False)
+        # The core calls heard() right after this event, with the response's turn if it started early.
+        self._answer_final = td is not None and td.create_response and bool(ev.text.strip())
+
+    # ------------------------------------------------------------------ the core's early answers (SttAnswers)
+
+    def guess(self, text: str, request_id: RequestId) -> Turn | None:
+        """Start the response to an utterance still in its end-of-utterance silence, held; None if not now."""
+        td = self.cfg.turn_detection
+        if self._closed or td is None or not td.create_response or self._pending_user or self.responses.active:
+            return None  # the response would not be (only) to these words, or not now
+        turn = self.responses.guess(text, audio=self.cfg.audio_output, tools=self.cfg.tools,
+                                    choice=self.cfg.tool_choice)
+        if turn is not None:
+            self._guesses = {t: c for t, c in self._guesses.items() if not t.cancelled}
+            self._guesses[turn] = self.cfg
+        return turn
+
+    def heard(self, text: str, request_id: RequestId, guess: Guess | None) -> None:
+        """A final (after its Transcribed): the response to it, taking its early turn if nothing changed since."""
+        answer, self._answer_final = self._answer_final, False
+        settings = self._guesses.pop(guess.turn, None) if guess is not None else None
+        if guess is not None and not (answer and settings is self.cfg and self._pending_user == [text]
+                                      and self.responses.active is None):
+            self.call.drop_guess(guess)
+            guess = None
+        if not answer:
+            return
+        if self.responses.active is not None:
+            self._respond_after = True  # interrupt_response is off: this turn is answered next
+        else:
+            self._start_response(None, None, False, guess=guess)
 
     # ------------------------------------------------------------------ responses
 
     def _start_response(self, instructions: str | None, audio_output: bool | None, out_of_band: bool,
-                        tools: tuple[Tool, ...] | None = None, choice: T.ToolChoice | None = None) -> None:
+                        tools: tuple[Tool, ...] | None = None, choice: T.ToolChoice | None = None,
+                        guess: Guess | None = None) -> None:
         user_text, item_id, previous = "\n".join(self._pending_user), self.ids.new("item"), None
         if not out_of_band:
             self._pending_user.clear()
@@ -311,7 +342,7 @@ class RealtimeFront:
         self.responses.start(user_text, item_id, previous, audio=self.cfg.audio_output if audio_output is None
                              else audio_output, output_format=self.cfg.output_format, instructions=instructions,
                              out_of_band=out_of_band, tools=self.cfg.tools if tools is None else tools,
-                             choice=choice or self.cfg.tool_choice)
+                             choice=choice or self.cfg.tool_choice, guess=guess)
 
     def _next_response(self) -> None:
         if self._respond_after and self._pending_user:

@@ -12,12 +12,13 @@ from typing import Any
 
 import structlog
 
-from ..errors import ServerError
+from ..errors import RequestId, ServerError
 from ..outbox import ConnectionOutbox
 from ..session import Session
 from ..tool_decl import Tool
 from ..voice.call import Call
 from ..voice.events import Answer, Event, Failure, Speech, Token, ToolCalls
+from ..voice.guess import Guess
 from ..voice.turn import Turn
 from . import realtime_render as R
 from . import realtime_tools as T
@@ -43,15 +44,33 @@ class Responses:
         self._epoch = 0
         self._context_turn = False  # the response runs on a context: the front keeps its history
         self._deciding: tuple[str, str, Context] | None = None  # a response deciding on tools: id, input, context
+        self._early = 0  # held turns started (their request ids are not response ids: a dropped one leaves no trace)
+        self._alias: RequestId = None  # the request id of the held turn the current response took
 
     @property
     def active(self) -> R.Response | None:
         """The response in progress, if any."""
         return self.current if self.current is not None and not self.current.closed else None
 
+    def guess(self, text: str, *, audio: bool, tools: tuple[Tool, ...], choice: T.ToolChoice) -> Turn | None:
+        """The turn of a response to `text`, started early and held (Call.guess); None if it would not be one."""
+        usable, mode = T.forced(tools, choice)
+        if self.closed or self.fn.waiting or (usable and mode != "none"):
+            return None  # the response would answer function outputs, or decide on tools first
+        self._early += 1
+        try:
+            return self.call.start_turn(text, kind="realtime", request_id=f"early_{self._early}", speak=audio,
+                                        stream_tokens=True, remember=text, held=True)
+        except ServerError:
+            return None
+
     def start(self, user_text: str, item_id: str, previous: str | None, *, audio: bool, output_format: str,
-              instructions: str | None, out_of_band: bool, tools: tuple[Tool, ...], choice: T.ToolChoice) -> None:
-        """A response to `user_text` (and to the function outputs waiting), its output item to be `item_id`."""
+              instructions: str | None, out_of_band: bool, tools: tuple[Tool, ...], choice: T.ToolChoice,
+              guess: Guess | None = None) -> None:
+        """A response to `user_text` (and to the function outputs waiting), its output item to be `item_id`.
+
+        `guess` is its turn started early (held): taken if the response is what it answered, else dropped.
+        """
         resp = R.Response(self.ids, self.ids.new("resp"), item_id, audio, output_format, out_of_band=out_of_band,
                           user_text=user_text, previous_item_id=previous)
         told = user_text
@@ -63,14 +82,21 @@ class Responses:
             # This response alone runs on other instructions (or outside the conversation): a context.
             prompt = instructions or self.session.system_prompt or self.call.engines.default_prompt
             context = (("system", prompt), *self.session.history)
+        usable, mode = T.forced(tools, choice)
+        if guess is not None and (outputs or context is not None or (usable and mode != "none")
+                                  or guess.text != told):
+            self.call.drop_guess(guess)
+            guess = None
         self.current, self._deciding = resp, None
+        self._alias = guess.turn.request_id if guess is not None else None
         self._context_turn, self._epoch = context is not None, self.session.history_epoch
         self._send(resp.created())
-        usable, mode = T.forced(tools, choice)
         log.info("realtime.response", session=self.session.id, response=resp.id, audio=audio, chars=len(told),
                  instructions=instructions is not None, out_of_band=out_of_band, tools=len(usable), tool_choice=mode,
-                 function_outputs=outputs)
-        if usable and mode != "none" and not outputs and resp.user_text.strip():
+                 function_outputs=outputs, early=guess is not None)
+        if guess is not None:
+            self._take(resp, guess)
+        elif usable and mode != "none" and not outputs and resp.user_text.strip():
             self._decide(resp, usable, mode, told, context)
         else:
             self._answer(resp, told, context)
@@ -78,7 +104,7 @@ class Responses:
     def on_event(self, event: Event, turn: Turn | None) -> bool:
         """A core event of a response, rendered; False when it is not a response's (the front's to handle)."""
         resp = self.active
-        mine = resp is not None and getattr(event, "request_id", None) == resp.id
+        mine = resp is not None and self._of_current(getattr(event, "request_id", None))
         if isinstance(event, Token):
             msg = resp.text_delta(event.delta, event.tokens) if resp is not None and mine else None
             if msg is not None:
@@ -95,7 +121,7 @@ class Responses:
                 self._decided(resp, event)
         elif isinstance(event, Failure):
             err = event.error
-            if self.current is None or err.request_id != self.current.id:
+            if not self._of_current(err.request_id):
                 return False  # not of a response: an audio frame refused, an engine error
             # A response's failure is told by its response.done (and its cancellation was told already).
             if resp is not None:
@@ -103,6 +129,11 @@ class Responses:
         else:
             return False
         return True
+
+    def _of_current(self, request_id: RequestId) -> bool:
+        """Whether an event with this request id is the current response's (or its early turn's)."""
+        cur = self.current
+        return cur is not None and request_id is not None and request_id in (cur.id, self._alias)
 
     def cancel(self, reason: str) -> None:
         """The response in progress ends now, `cancelled`; none of its audio follows its response.done."""
@@ -160,6 +191,14 @@ class Responses:
             return
         if turn.task is not None:
             turn.task.add_done_callback(lambda _t: self._turn_ended(resp))
+
+    def _take(self, resp: R.Response, guess: Guess) -> None:
+        """The response as its early turn's message: opened now, then what the turn held, in order."""
+        for msg in resp.message_opening(resp.previous_item_id):
+            self._send(msg)
+        self.call.confirm(guess)
+        if guess.turn.task is not None:
+            guess.turn.task.add_done_callback(lambda _t: self._turn_ended(resp))
 
     def _turn_ended(self, resp: R.Response) -> None:
         """The response's turn is over: one that ended without an answer still gets its response.done."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -19,22 +18,12 @@ from ..tasks import ErrorHandler, TaskOwner
 from ..text import clean_for_speech
 from ..tools import Tool, farewell_from_result, tool_result_prompt
 from .events import Answer, Failure, Synthesized, ToolCalls
+from .guess import Guess, SttAnswers
 from .listen import Listener
 from .ports import Engines, Sink, TokenSource
 from .turn import FixedAnswer, Turn, Voice, run_answer, synthesize
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass
-class Guess:
-    """An answer started early, and what it was started from; valid only if the final confirms all of it."""
-
-    text: str
-    mode: str
-    turn: Turn
-    history_len: int
-    epoch: int
 
 
 class Call:
@@ -50,6 +39,7 @@ class Call:
         self.turns: set[Turn] = set()
         self.voice_turn: Turn | None = None
         self._tasks = tasks
+        self.stt_answers: SttAnswers | None = None
         self.listener = Listener(session, engines, sink, cfg.stt, metrics, tasks, self, cfg.llm.speculate)
 
     # ------------------------------------------------------------------ audio
@@ -70,13 +60,23 @@ class Call:
 
     # ------------------------------------------------------------------ what listening hands over
 
+    def answer_stt_with(self, front: SttAnswers) -> None:
+        """Let `front` answer the stt mode's finals (and start its answers early, held, if speculating)."""
+        self.stt_answers = front
+        self.listener.answers_stt = True
+
     def guess(self, text: str, mode: str, request_id: RequestId) -> Guess | None:
         """Start answering an early transcript, held until the final confirms it."""
         snap = self.engines.pool.snapshot()
         if snap["state"] != "ready" or snap["busy"] >= snap["workers"] or snap["queued"]:
             return None  # a guess must never make another caller's answer wait for a worker
-        turn = self.start_turn(text, kind="voice", request_id=request_id, speak=(mode == "full"),
-                               stream_tokens=False, held=True)
+        if mode == "stt":
+            turn = self.stt_answers.guess(text, request_id) if self.stt_answers is not None else None
+            if turn is None:
+                return None
+        else:
+            turn = self.start_turn(text, kind="voice", request_id=request_id, speak=(mode == "full"),
+                                   stream_tokens=False, held=True)
         turn.timings["speculated"] = turn.timings["start"]
         self.metrics.speculative_turns.labels("started").inc()
         return Guess(text, mode, turn, len(self.session.history), self.session.history_epoch)
@@ -90,24 +90,35 @@ class Call:
     def heard(self, text: str, mode: str, request_id: RequestId, ended_at: float, stt_ms: float,
               guess: Guess | None) -> None:
         """A final transcript: let the early answer speak if it answered exactly this, else answer now."""
-        if guess is not None and self._confirm(guess, text, mode, ended_at, stt_ms):
+        if guess is not None and not self._still_valid(guess, text, mode):
+            self.drop_guess(guess)
+            guess = None
+        if guess is not None:
+            guess.turn.timings.update(utterance_end=ended_at, stt_ms=stt_ms)
+        if mode == "stt":  # the front answers: it confirms the guess (or drops it) itself
+            if self.stt_answers is not None:
+                self.stt_answers.heard(text, request_id, guess)
+            elif guess is not None:
+                self.drop_guess(guess)
+            return
+        if guess is not None:
+            if self.voice_turn is not None and self.voice_turn is not guess.turn and not self.voice_turn.cancelled:
+                self.voice_turn.cancel()  # the caller spoke again: the previous answer stops, as for any final
+            self.voice_turn = guess.turn
+            self.confirm(guess)
             return
         self.start_turn(text, kind="voice", request_id=request_id, speak=(mode == "full"), stream_tokens=False,
                         timings={"utterance_end": ended_at, "stt_ms": stt_ms})
 
-    def _confirm(self, guess: Guess, text: str, mode: str, ended_at: float, stt_ms: float) -> bool:
+    def _still_valid(self, guess: Guess, text: str, mode: str) -> bool:
         s, turn = self.session, guess.turn
-        if (turn.cancelled or turn.failed or guess.text != text or guess.mode != mode
-                or guess.history_len != len(s.history) or guess.epoch != s.history_epoch):
-            self.drop_guess(guess)
-            return False
-        if self.voice_turn is not None and self.voice_turn is not turn and not self.voice_turn.cancelled:
-            self.voice_turn.cancel()  # the caller spoke again: the previous answer stops, as for any final
-        self.voice_turn = turn
-        turn.timings.update(utterance_end=ended_at, stt_ms=stt_ms)
+        return not (turn.cancelled or turn.failed or guess.text != text or guess.mode != mode
+                    or guess.history_len != len(s.history) or guess.epoch != s.history_epoch)
+
+    def confirm(self, guess: Guess) -> None:
+        """The final confirmed the guess: everything it held goes out now, in order."""
         self.metrics.speculative_turns.labels("confirmed").inc()
-        turn.release()
-        return True
+        guess.turn.release()
 
     # ------------------------------------------------------------------ turns
 
@@ -344,7 +355,7 @@ class Call:
             turn.rollback = rollback
             cut_answer = cut_answer or (turn.kind in ("voice", "tool_result") and not turn.held)
             turn.cancel()
-            if turn.kind != "voice":  # voice turns have no requester waiting for a reply
+            if turn.kind != "voice" and not turn.held:  # voice and held turns have no requester waiting for a reply
                 self.error(Cancelled(f"{turn.kind} cancelled", request_id=turn.request_id))
             n += 1
         # An answer already complete may still wait for a slow reader: none of its audio may follow the ack.

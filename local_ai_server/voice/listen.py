@@ -62,6 +62,7 @@ class Listener:
         self.metrics = metrics
         self.answering = answering
         self.speculate_answers = speculate_answers
+        self.answers_stt = False  # a front answers the stt mode's finals through `answering` (Call.answer_stt_with)
         self._tasks = tasks
         self._frames: asyncio.Queue[Frame] = asyncio.Queue(AUDIO_QUEUE_FRAMES)
         self._queued_s = 0.0  # audio in _frames, bounded by cfg.max_queued_s
@@ -256,7 +257,7 @@ class Listener:
             return
         task = self._tasks.spawn(self.engines.transcribe(seg.pending_final_audio(), "final"))
         self._early = (key, task)
-        if self.speculate_answers and mode in ("full", "llm"):
+        if self.speculate_answers and self._answers(mode):
             task.add_done_callback(lambda t: self._on_early(key, t, mode, rid))
 
     def _on_early(self, key: tuple[int, int], task: asyncio.Task[Transcript], mode: str, rid: RequestId) -> None:
@@ -268,7 +269,7 @@ class Listener:
                 or not seg.in_speech or seg.pending_final_key() != key):
             return  # superseded: the caller spoke again, or the utterance already ended
         text = task.result().text.strip()
-        if not text or self.session.mode != mode or mode not in ("full", "llm"):
+        if not text or self.session.mode != mode or not self._answers(mode):
             return
         guess = self.answering.guess(text, mode, rid)
         if guess is not None:
@@ -343,10 +344,14 @@ class Listener:
                  speculative=f.early is not None, answer_started=f.guess is not None)
         if f.mode == "stt" or text:
             self.sink.data(Transcribed(text, True, f.mode, f.request_id, confidence=result.confidence))
-        if not text or f.mode not in ("full", "llm"):
+        if not text or not self._answers(f.mode):
             self._drop(f.guess)
             return
         self.answering.heard(text, f.mode, f.request_id, f.ended_at, stt_ms, f.guess)
+
+    def _answers(self, mode: str) -> bool:
+        """Whether finals in `mode` are handed to `answering.heard` (and may be guessed early)."""
+        return mode in ("full", "llm") or (mode == "stt" and self.answers_stt)
 
     def _drop(self, guess: Any) -> None:
         if guess is not None:

@@ -365,3 +365,36 @@ async def test_a_browser_key_goes_as_a_subprotocol(rt: ServerProc) -> None:
                                                          Subprotocol("openai-insecure-api-key.wrong")]):
             pass
     assert info.value.response.status_code == 401
+
+
+async def test_a_server_vad_turn_is_answered_early_in_the_documented_order(
+        rt: ServerProc, session: tuple[AsyncRealtimeConnection, Events], speak: Callable[[str], np.ndarray]) -> None:
+    """The response starts on the early transcript (held): the client sees nothing of it before the final."""
+    conn, ev = session
+    td = {"type": "server_vad", "silence_duration_ms": 1000}  # a long window: the early transcript lands inside it
+    await conn.session.update(session=cast(Any, {"type": "realtime", "instructions": "Answer in one short sentence.",
+                                                 "audio": {"input": {"turn_detection": td}}}))
+    mark = ev.index(await ev.type("session.updated")) + 1
+    await stream(conn, speech_24k(speak, QUESTION, tail=1.5))
+    done = await ev.type("response.done", mark)
+    rid, logged = done.response.id, rt.log_events()
+    (start,) = [e for e in logged if e.get("event") == "realtime.response" and e.get("response") == rid]
+    turn = [e for e in logged if e.get("event") == "turn.done" and e.get("session") == start["session"]][-1]
+    assert (done.response.status, start["early"], turn["speculative"]) == ("completed", True, True)
+    # Exactly the documented sequence: the answer's deltas collapsed, the user transcript's left out.
+    kinds: list[str] = []
+    for e in ev.all[mark:]:
+        kind = "delta" if e.type.endswith("audio.delta") or e.type.endswith("transcript.delta") else e.type
+        if e.type != "conversation.item.input_audio_transcription.delta" and (kind != "delta" or kinds[-1:] != [kind]):
+            kinds.append(kind)
+    assert kinds == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                     "input_audio_buffer.committed", "conversation.item.added",
+                     "conversation.item.input_audio_transcription.completed", "conversation.item.done",
+                     "response.created", "response.output_item.added", "conversation.item.added",
+                     "response.content_part.added", "delta", "response.output_audio.done",
+                     "response.output_audio_transcript.done", "response.content_part.done",
+                     "response.output_item.done", "conversation.item.done", "response.done"], kinds
+    assert {e.response_id for e in ev.all[mark:] if getattr(e, "response_id", None)} == {rid}
+    deltas = [e.delta for e in ev.all[mark:] if e.type == "response.output_audio_transcript.delta"]
+    assert "".join(deltas) == ev.of("response.output_audio_transcript.done")[-1].transcript != ""
+    assert_unique_event_ids(ev)

@@ -125,21 +125,39 @@ async def run(turns: int, speculate: bool) -> dict[str, Any]:
     res: dict[str, Any] = {"turns_per_front": turns, "goal_ratio": GOAL_RATIO, "errors": [],
                            "speculation": {"ava": "on (LOCAL_LLM_SPECULATE)" if speculate else "off",
                                            "realtime": "on (LOCAL_LLM_SPECULATE)" if speculate else "off"}}
-    ava = rt = None
+    ava = None
+    live: dict[str, Any] = {}
     streams: list[Streamer] = []
     try:
         ava = await Client.connect(srv.url)
         await ava.request({"type": "set_mode", "mode": "full", "call_id": "ab-ava", "request_id": "m"},
                           "mode_ready", timeout=30)
-        rt = await open_realtime(srv)
-        ava_stream, rt_stream = Streamer(ava, seed=1), Streamer(rt, seed=2, rate=RT_RATE, send=appender(rt))
-        streams = [ava_stream, rt_stream]
-        for s in streams:
-            s.start()
-        a, r = ava, rt
-        fronts: dict[str, Turn] = {
-            "ava": lambda q: ava_turn(a, ava_stream, speech[QUESTIONS[q % len(QUESTIONS)]]),
-            "realtime": lambda q: realtime_turn(r, rt_stream, speech24[QUESTIONS[q % len(QUESTIONS)]])}
+        ava_stream = Streamer(ava, seed=1)
+        ava_stream.start()
+        streams = [ava_stream]
+        a = ava
+        # Every question starts a fresh conversation on both fronts: with one LLM worker, a history (and a KV
+        # cache) carried from turn to turn would make each answer's prefill depend on which front spoke last.
+
+        async def fresh_realtime() -> tuple[Client, Streamer]:
+            if "rt" in live:
+                await live["stream"].stop()
+                await live["rt"].close()
+            live["rt"] = await open_realtime(srv)
+            live["stream"] = Streamer(live["rt"], seed=2, rate=RT_RATE, send=appender(live["rt"]))
+            live["stream"].start()
+            return live["rt"], live["stream"]
+
+        async def ava_fresh(q: int) -> dict[str, Any]:
+            await a.request({"type": "set_mode", "mode": "full", "call_id": f"ab-ava-{q}-{time.monotonic_ns()}",
+                             "request_id": "m"}, "mode_ready", timeout=30)
+            return await ava_turn(a, ava_stream, speech[QUESTIONS[q % len(QUESTIONS)]])
+
+        async def realtime_fresh(q: int) -> dict[str, Any]:
+            r, stream = await fresh_realtime()
+            return await realtime_turn(r, stream, speech24[QUESTIONS[q % len(QUESTIONS)]])
+
+        fronts: dict[str, Turn] = {"ava": ava_fresh, "realtime": realtime_fresh}
         records: dict[str, list[dict[str, Any]]] = {"ava": [], "realtime": []}
         sys0, own0, t0 = procs.system_busy_seconds(), procs.own_tree_seconds(), time.perf_counter()
         for i in range(-1, turns):  # turn -1 warms both up (first STT, first answer) and is not counted
@@ -175,9 +193,9 @@ async def run(turns: int, speculate: bool) -> dict[str, Any]:
                         if ava_by_turn.get(x["turn"]))
         res["paired_ratio"] = summary(paired, 3)
     finally:
-        for s in streams:
+        for s in [*streams, *([live["stream"]] if "stream" in live else [])]:
             await s.stop()
-        for c in (ava, rt):
+        for c in (ava, live.get("rt")):
             if c is not None:
                 await c.close()
         await asyncio.sleep(0.3)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import llama_cpp
@@ -11,6 +10,7 @@ import pytest
 
 from local_ai_server.tools import (
     MAX_DESCRIPTION_CHARS,
+    MAX_SCAN_CHARS,
     MAX_TOOL_SCHEMA_BYTES,
     MAX_TOOLS,
     POLICIES,
@@ -439,10 +439,16 @@ def test_parse_tool_calls_scans_only_the_first_20000_characters() -> None:
     "*" * 19990 + "{}",
     " " * 19990 + "x{}",
 ])
+# A hang guard, not a speed claim: a regex that backtracks on these takes minutes, a bounded scan milliseconds.
+@pytest.mark.timeout(30)
 def test_parse_tool_calls_hostile_text_is_bounded(text: str) -> None:
-    start = time.perf_counter()
-    assert wires(text * 3) == []  # over 20000 characters: the rest is never looked at
-    assert time.perf_counter() - start < 1.0
+    assert wires(text * 3) == []  # over MAX_SCAN_CHARS characters: the rest is never looked at
+
+
+def test_parse_tool_calls_looks_no_further_than_the_scan_limit() -> None:
+    call = '{"name": "hangup_call", "arguments": {}}'
+    assert len(wires(" " * (MAX_SCAN_CHARS - len(call)) + call)) == 1  # ends at the limit: found
+    assert wires(" " * (MAX_SCAN_CHARS + 1) + call) == []  # starts past it: never seen
 
 
 def test_parse_tool_calls_many_calls_are_capped() -> None:
@@ -485,11 +491,12 @@ def test_end_of_call_intent_not_text(text: Any) -> None:
     assert end_of_call_intent(text) is False
 
 
+@pytest.mark.timeout(30)  # a hang guard, as above
 def test_end_of_call_intent_hostile_text_is_bounded() -> None:
-    start = time.perf_counter()
     assert end_of_call_intent("say bye " * 10000) is False
     assert end_of_call_intent("don't hang up " * 5000) is False
-    assert time.perf_counter() - start < 1.0
+    # Only the first MAX_SCAN_CHARS characters count: a goodbye after them is not heard.
+    assert end_of_call_intent("a" * (MAX_SCAN_CHARS + 10) + " goodbye") is False
 
 
 # ------------------------------------------------------------------------------------------------- farewells

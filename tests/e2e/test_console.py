@@ -167,9 +167,13 @@ def test_speaking_over_the_answer_interrupts_it(open_server: ServerProc, tmp_pat
                                              silence(30.0)])
     console = open_page(open_server, wav)
     console.page.click("#connect")
+    # The page stopped the answer it was playing when the caller spoke (its barge-in counter). Whether the
+    # server also had a response to cancel depends on whether it had finished generating the answer
+    # before the interruption (the audio plays for longer than it takes to make): the server-side cancel
+    # is tested in test_realtime.py, where the client speaks while the response is still running.
     console.wait(lambda: console.number("barge-ins") >= 1, "a barge-in")
-    # The server cancelled the answer that was playing (interrupt_response), as the page asked.
-    console.wait(lambda: "response.done: cancelled" in console.text("log"), "the cancelled response")
+    log_text = console.text("log")
+    assert "input_audio_buffer.speech_started" in log_text, log_text[-2000:]
     # The interruption is heard and answered in its turn.
     console.wait(lambda: console.page.locator("#history li").count() >= 2 and console.number("turns") >= 1,
                  "the interruption answered")

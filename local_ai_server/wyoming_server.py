@@ -203,11 +203,9 @@ class WyomingListener:
             chunk = await reader.read(READ_BYTES)
             if not chunk:
                 # The client sent all it will: serve what it asked for, unless it stops reading meanwhile.
-                served = asyncio.ensure_future(front.end_of_input())
-                try:
+                async with TaskOwner(f"wyoming-{session_id}-drain") as draining:  # leaving it cancels the drain
+                    served = draining.spawn(front.end_of_input(), name="wyoming-drain")
                     await asyncio.wait([served, sending], return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    served.cancel()
                 return
             try:
                 events = parser.feed(chunk)

@@ -13,7 +13,7 @@ import collections
 import itertools
 import json
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import structlog
 
 from .engines.llm import SamplingParams
 from .errors import Busy, Cancelled, EngineError, NotReady, ServerError, Timeout, describe
+from .llm_sched import EventStream
 from .tasks import TaskOwner
 
 log = structlog.get_logger(__name__)
@@ -35,7 +36,7 @@ RETRY_STATUS = (502, 503, 504)  # a proxy or an engine still loading: worth anot
 
 
 @dataclass(eq=False)
-class RemoteJob:
+class RemoteJob(EventStream):
     """One streamed chat completion: queued for a slot, then streaming, then finished."""
 
     id: int
@@ -50,21 +51,6 @@ class RemoteJob:
     stats: dict[str, Any] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
 
-    async def stream(self) -> AsyncGenerator[str, None]:
-        """Yield text deltas; raises the job's ServerError; cancels the job if the consumer stops early."""
-        try:
-            while True:
-                kind, value = await self.events.get()
-                if kind == "tok":
-                    self.last_tokens = value[1]
-                    yield value[0]
-                elif kind == "done":
-                    return
-                else:
-                    raise value
-        finally:
-            if self.state != "finished":
-                self.cancel()
 
     def cancel(self) -> None:
         """Stop this job: its task ends, and with it the HTTP stream (the engine stops generating)."""

@@ -26,8 +26,36 @@ log = structlog.get_logger(__name__)
 KILL_GRACE_S = 2.0
 
 
+class EventStream:
+    """A job's answer as its events arrive ("tok", "done", or an error): shared by local and remote jobs."""
+
+    events: asyncio.Queue[tuple[str, Any]]
+    state: str
+    last_tokens: int
+
+    def cancel(self) -> None:
+        """Stop the job (each kind of job knows how)."""
+        raise NotImplementedError
+
+    async def stream(self) -> AsyncGenerator[str, None]:
+        """Yield text deltas; raises the job's ServerError; cancels the job if the consumer stops early."""
+        try:
+            while True:
+                kind, value = await self.events.get()
+                if kind == "tok":
+                    self.last_tokens = value[1]
+                    yield value[0]
+                elif kind == "done":
+                    return
+                else:
+                    raise value
+        finally:
+            if self.state != "finished":
+                self.cancel()
+
+
 @dataclass(eq=False)
-class LlmJob:
+class LlmJob(EventStream):
     """One generation request: queued, then running on one worker, then finished."""
 
     id: int
@@ -46,21 +74,6 @@ class LlmJob:
     worker: _Worker | None = None
     timer: asyncio.TimerHandle | None = None
 
-    async def stream(self) -> AsyncGenerator[str, None]:
-        """Yield text deltas; raises the job's ServerError; cancels the job if the consumer stops early."""
-        try:
-            while True:
-                kind, value = await self.events.get()
-                if kind == "tok":
-                    self.last_tokens = value[1]
-                    yield value[0]
-                elif kind == "done":
-                    return
-                else:
-                    raise value
-        finally:
-            if self.state != "finished":
-                self.cancel()
 
     def cancel(self) -> None:
         """Stop this job: dequeue it, or tell its worker to stop generating."""

@@ -129,6 +129,10 @@ async def answer_or_close(c: Client, pred: Callable[[dict[str, Any]], bool], sta
     raise AssertionError(f"no answer in {BOUND_S} s; got {[m.get('type') for m in c.got.json()][-20:]}")
 
 
+def answer_to(rid: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda m: m.get("type") == "llm_response" and m.get("request_id") == rid
+
+
 async def run_caller(me: Caller, lb: HAProxy, speech: np.ndarray, stop: asyncio.Event) -> None:
     """Call through HAProxy, turn after turn; when a call is closed, call again and redo the turn it cut."""
     conn = 0
@@ -163,8 +167,7 @@ async def run_caller(me: Caller, lb: HAProxy, speech: np.ndarray, stop: asyncio.
                     rid = f"{call_id}-{turn}"
                     await c.send({"type": "llm_request", "text": QUESTIONS[turn % len(QUESTIONS)], "request_id": rid,
                                   "call_id": call_id})
-                    reply = await answer_or_close(
-                        c, lambda m, rid=rid: m.get("type") == "llm_response" and m.get("request_id") == rid, start)
+                    reply = await answer_or_close(c, answer_to(rid), start)
                 if reply is None:
                     me.resent += 1  # the close came before the answer: this turn is done again on the next call
                     break

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(LOCAL_WYOMING_URI; off by default; tcp://0.0.0.0:10300 for the usual port)")
     p.add_argument("--wyoming-zeroconf", nargs="?", const="", metavar="NAME",
                    help="announce the Wyoming service over zeroconf, optionally under NAME (LOCAL_WYOMING_ZEROCONF)")
+    p.add_argument("--drain-timeout", type=float, metavar="SECONDS",
+                   help="on SIGTERM, close calls still open after this long (LOCAL_DRAIN_TIMEOUT_S, default 30)")
     p.add_argument("--log-level", help="debug|info|warning|error (LOCAL_LOG_LEVEL)")
     p.add_argument("--log-json", action="store_true", default=None, help="JSON log lines even on a terminal")
     return p
@@ -55,7 +57,8 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
                       ("llm_model", "LOCAL_LLM_MODEL_PATH"), ("tts_model", "LOCAL_TTS_MODEL_PATH"),
                       ("llm_workers", "LOCAL_LLM_WORKERS"), ("log_level", "LOCAL_LOG_LEVEL"),
                       ("wyoming_uri", "LOCAL_WYOMING_URI"), ("llm_backend", "LOCAL_LLM_BACKEND"),
-                      ("llm_url", "LOCAL_LLM_REMOTE_URL"), ("llm_model_name", "LOCAL_LLM_REMOTE_MODEL")):
+                      ("llm_url", "LOCAL_LLM_REMOTE_URL"), ("llm_model_name", "LOCAL_LLM_REMOTE_MODEL"),
+                      ("drain_timeout", "LOCAL_DRAIN_TIMEOUT_S")):
         value = getattr(args, flag)
         if value is not None:
             environ[var] = str(value)

@@ -139,6 +139,10 @@ class ServerConfig:
     wyoming_zeroconf: str | None = None
     # Stream conversation answers as handled-chunk events (Home Assistant's own client reads one event).
     wyoming_handle_streaming: bool = False
+    # On SIGTERM: calls idle between turns are closed (1001) once the notice has passed, every call left
+    # at the timeout is closed; the notice gives a load balancer time to see /ready say "draining".
+    drain_timeout_s: float = 30.0
+    drain_notice_s: float = 2.0
 
 
 class ConfigError(ValueError):
@@ -312,6 +316,8 @@ def from_env(
         wyoming_zeroconf=None if zeroconf is None or zeroconf.strip().lower() in ("", "0", "false", "no", "off")
         else ("" if zeroconf.strip().lower() in ("1", "true", "yes", "on") else zeroconf.strip()),
         wyoming_handle_streaming=_bool(env, "LOCAL_WYOMING_HANDLE_STREAMING", False),
+        drain_timeout_s=_float(env, "LOCAL_DRAIN_TIMEOUT_S", 30.0),
+        drain_notice_s=_float(env, "LOCAL_DRAIN_NOTICE_S", 2.0),
     )
 
 
@@ -328,6 +334,9 @@ def validate(cfg: ServerConfig) -> None:
         if path is not None and not path.is_file():
             raise ConfigError(f"TLS file not found: {path}")
     _validate_remote(cfg.llm)
+    if not 0 <= cfg.drain_notice_s <= cfg.drain_timeout_s:
+        raise ConfigError("LOCAL_DRAIN_NOTICE_S must be >= 0 and at most LOCAL_DRAIN_TIMEOUT_S "
+                          f"({cfg.drain_notice_s:g} s and {cfg.drain_timeout_s:g} s given)")
     if cfg.log_level not in ("debug", "info", "warning", "error", "critical"):
         raise ConfigError(f"LOCAL_LOG_LEVEL must be debug|info|warning|error, got {cfg.log_level!r}")
 

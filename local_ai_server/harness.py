@@ -203,10 +203,13 @@ class ServerProc:
 
 
 def server_env(port: int, models_dir: Path | None, env: dict[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without LOCAL_* settings, plus a port, JSON logs and `env`."""
+    """This process's environment without LOCAL_* settings, plus a port, JSON logs, a short drain and `env`."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("LOCAL_")}
     full.update({"LOCAL_WS_PORT": str(port), "LOCAL_WS_HOST": "127.0.0.1", "LOCAL_LOG_JSON": "1",
-                 "LOCAL_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"})
+                 "LOCAL_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1",
+                 # A server stopped with a call still mid-turn drains within `stop`'s wait (tests of the
+                 # drain itself set their own).
+                 "LOCAL_DRAIN_NOTICE_S": "0.5", "LOCAL_DRAIN_TIMEOUT_S": "5"})
     if models_dir is not None:
         full["LOCAL_MODELS_DIR"] = str(models_dir)
     full.update(env or {})

@@ -25,6 +25,8 @@ class Hub:
         # The server's own background work (model loading, probes of itself, model switches).
         self.tasks = TaskOwner("server")
         self.calls = 0  # connections open now
+        # Set on SIGTERM: /ready says "draining" and new connections are refused while the calls end.
+        self.draining = False
         self.started = time.monotonic()
         self._admin_task: asyncio.Task[Any] | None = None
         self._session_ids = itertools.count(1)

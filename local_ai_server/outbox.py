@@ -50,6 +50,12 @@ class ConnectionOutbox:
         self.queued_bytes = 0
         self._wake = asyncio.Event()
         self.overflowed = False
+        self._sending = False  # the writer is sending what it took off the queues
+
+    @property
+    def idle(self) -> bool:
+        """Everything queued has been handed to the connection (a close frame now follows all of it)."""
+        return not self._control and not self._data and not self._sending
 
     def __len__(self) -> int:
         return len(self._control) + len(self._data)
@@ -126,17 +132,25 @@ class ConnectionOutbox:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._control or self._data:
-                if self._control:
-                    text = self._control.popleft()
-                    self.queued_bytes -= len(text) + ITEM_OVERHEAD
-                    await self.ws.send(text)
-                    continue
-                text, payload, turn = self._data.popleft()
-                self.queued_bytes -= len(text) + len(payload or b"") + ITEM_OVERHEAD
-                if turn is not None and turn.cancelled:
-                    continue
+            self._sending = True
+            try:
+                await self._send_queued()
+            finally:
+                self._sending = False
+
+    async def _send_queued(self) -> None:
+        """Send until both queues are empty: control first, then data (skipping cancelled turns' data)."""
+        while self._control or self._data:
+            if self._control:
+                text = self._control.popleft()
+                self.queued_bytes -= len(text) + ITEM_OVERHEAD
                 await self.ws.send(text)
-                if payload is not None:
-                    # No await between header and audio may let another message in: the pair is atomic.
-                    await self.ws.send(payload)
+                continue
+            text, payload, turn = self._data.popleft()
+            self.queued_bytes -= len(text) + len(payload or b"") + ITEM_OVERHEAD
+            if turn is not None and turn.cancelled:
+                continue
+            await self.ws.send(text)
+            if payload is not None:
+                # No await between header and audio may let another message in: the pair is atomic.
+                await self.ws.send(payload)

@@ -35,6 +35,9 @@ def answer(request: Request, hub: Hub) -> Response | None:
         if len(upgrades) > 1:
             return json_response(HTTPStatus.BAD_REQUEST, {"status": "bad_request",
                                                           "message": "more than one Upgrade header"})
+        if hub.draining:
+            # Calls end here; a new one belongs on another instance (a load balancer retries it there).
+            return draining()
         return None  # the WebSocket handshake, checked by websockets itself
     # websockets < 17 parses only GET (its Request has no `method`): other methods never get this far there.
     method = getattr(request, "method", "GET")
@@ -56,6 +59,8 @@ def probe(path: str, hub: Hub) -> Response:
     if path == "/health":
         return json_response(HTTPStatus.OK, {"status": "ok", "uptime_s": hub.uptime()})
     if path == "/ready":
+        if hub.draining:
+            return draining(hub.calls)
         missing = engines.missing()
         if engines.warming:
             return json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "warming_up", "missing": missing})
@@ -70,6 +75,17 @@ def probe(path: str, hub: Hub) -> Response:
         return Response(200, "OK", headers, body)
     return json_response(HTTPStatus.NOT_FOUND, {"status": "not_found",
                                                 "endpoints": ["/", "/health", "/ready", "/metrics", "ws://"]})
+
+
+def draining(calls: int | None = None) -> Response:
+    """503 "draining": what /ready says, and how a new connection is refused, while the server drains."""
+    body: dict[str, Any] = {"status": "draining", "message": "shutting down: open calls end their turns, "
+                                                            "new calls are refused"}
+    if calls is not None:
+        body["calls"] = calls
+    response = json_response(HTTPStatus.SERVICE_UNAVAILABLE, body)
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 def console(path: str, host: str | None) -> Response:

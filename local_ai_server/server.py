@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from http import HTTPStatus
 from typing import Any, Protocol
 
@@ -21,8 +22,9 @@ from websockets.typing import Origin, Subprotocol
 
 from . import probes
 from .config import ServerConfig
+from .drain import Drain, DrainPolicy, Leaving, StopRequests
 from .fronts.ava import AvaFront
-from .fronts.realtime import RealtimeFront
+from .fronts.drainable import DrainableRealtimeFront
 from .fronts.realtime_input import authorized, is_realtime_path, model_of, subprotocol
 from .heap import malloc_trim
 from .hub import Hub
@@ -83,6 +85,29 @@ class Front(Protocol):
 
     async def close(self) -> None: ...
 
+    def between_turns(self) -> bool: ...
+
+
+class WsCall:
+    """The drain's view of one WebSocket connection: its front, and what is still on the wire."""
+
+    def __init__(self, front: Front, ws: ServerConnection, kind: str) -> None:
+        self.kind = kind
+        self.front = front
+        self.ws = ws
+        self.handling = False  # a frame is being handled
+        self.leaving = False  # the close frame is out: later frames are not served
+
+    def between_turns(self) -> bool:
+        """Between turns: no frame being handled or waiting to be, and the front says nothing is under way."""
+        return not self.handling and not _frames_waiting(self.ws) and self.front.between_turns()
+
+    async def go_away(self) -> None:
+        """Close with 1001 (going away); the client calls again, through the load balancer, elsewhere."""
+        self.leaving = True
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.close(1001, "server shutting down")
+
 
 class VoiceServer:
     """Accepts connections, routes each to the front of its path, pumps its frames, shuts down."""
@@ -91,6 +116,7 @@ class VoiceServer:
         self.cfg = cfg
         self.hub = Hub(cfg)
         self.fronts: set[Front] = set()
+        self.calls: set[WsCall] = set()
         self._server: Server | None = None
         self.wyoming: WyomingListener | None = None
 
@@ -106,8 +132,8 @@ class VoiceServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def serve(self, stop: asyncio.Future[None]) -> None:
-        """Open the port first, load models in the background, serve until `stop` resolves."""
+    async def serve(self, stop: StopRequests) -> None:
+        """Open the port first, load models in the background, serve until `stop` asks; drain, then shut down."""
         connection_class = type("Connection", (GuardedConnection,), {"send_budget": self.cfg.send_buffer_bytes})
         receive_queue = max(4, min(64, RECEIVE_QUEUE_BYTES // self.cfg.max_frame_bytes))
         tasks = self.hub.tasks
@@ -139,7 +165,8 @@ class VoiceServer:
             if self.cfg.wyoming_uri is not None:
                 self.wyoming = WyomingListener(self.hub, self.cfg.wyoming_uri)
                 await self.wyoming.start()
-            await stop
+            await stop.drain.wait()
+            await self._drain(stop.now)
             log.info("server.stopping", sessions=len(self.fronts))
             if self.wyoming is not None:
                 await self.wyoming.close()
@@ -155,6 +182,23 @@ class VoiceServer:
         await tasks.aclose()
         await self.engines.close()
         log.info("server.stopped")
+
+    async def _drain(self, stop_now: asyncio.Event) -> None:
+        """Refuse new calls at once (/ready says draining); close each open one between turns, or at the timeout."""
+        self.hub.draining = True
+        if self.wyoming is not None:
+            self.wyoming.stop_accepting()
+        policy = DrainPolicy(self.cfg.drain_notice_s, self.cfg.drain_timeout_s)
+        drain = Drain(policy, self._open_calls, stop_now)
+        log.info("server.draining", calls=len(self._open_calls()), notice_s=policy.notice_s,
+                 timeout_s=policy.timeout_s)
+        report = await drain.run()
+        log.info("server.drained", open_at_start=report.open_at_start, closed=dict(report.closed),
+                 left=report.left, seconds=report.seconds)
+
+    def _open_calls(self) -> Collection[Leaving]:
+        wyoming = self.wyoming.calls if self.wyoming is not None else set()
+        return [*self.calls, *wyoming]
 
     def _origins(self) -> list[Origin | None] | None:
         """The Origin allow-list; connections without an Origin header are always allowed."""
@@ -219,12 +263,15 @@ class VoiceServer:
             path = ws.request.path if ws.request else "/"
             front: Front
             if is_realtime_path(path):  # checked at the handshake: authenticated already
-                front = RealtimeFront(self.hub, session, outbox, tasks, ws.close, remote=_remote(ws),
-                                      model=model_of(path))
+                front = DrainableRealtimeFront(self.hub, session, outbox, tasks, ws.close, remote=_remote(ws),
+                                               model=model_of(path))
+                call = WsCall(front, ws, "realtime")
             else:
                 # Every other path speaks AVA's protocol (its clients connect to "/" or to a path of their own).
                 front = AvaFront(self.hub, session, outbox, tasks, ws.close, remote=_remote(ws))
+                call = WsCall(front, ws, "ava")
             self.fronts.add(front)
+            self.calls.add(call)
             writer = tasks.spawn(_write(outbox), name="writer")
             self.hub.calls += 1
             self.metrics.sessions.inc()
@@ -233,13 +280,20 @@ class VoiceServer:
                      if ws.request else None)
             try:
                 async for frame in ws:
-                    await front.on_frame(frame)
+                    if call.leaving:
+                        continue  # it came after our close frame: the client sends it again on its next connection
+                    call.handling = True
+                    try:
+                        await front.on_frame(frame)
+                    finally:
+                        call.handling = False
                     if writer.done():
                         break
             except ConnectionClosed:
                 pass
             finally:
                 self.fronts.discard(front)
+                self.calls.discard(call)
                 await front.close()
                 self.hub.calls -= 1
                 self.metrics.sessions.dec()
@@ -261,6 +315,15 @@ async def _write(outbox: ConnectionOutbox) -> None:
         pass
 
 
+def _frames_waiting(ws: ServerConnection) -> bool:
+    """Whether frames received are waiting to be read (websockets' receive queue; absent: assume none)."""
+    frames = getattr(getattr(ws, "recv_messages", None), "frames", None)
+    try:
+        return bool(frames is not None and len(frames))
+    except TypeError:
+        return False
+
+
 def _task_name(task: asyncio.Task[Any]) -> str:
     coro = task.get_coro()
     frame = getattr(coro, "cr_frame", None)
@@ -277,15 +340,9 @@ def _remote(ws: ServerConnection) -> str | None:
 
 
 async def run(cfg: ServerConfig) -> None:
-    """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    """Run until SIGTERM/SIGINT, then drain and shut down gracefully; a second signal ends the drain at once."""
     loop = asyncio.get_running_loop()
-    stop: asyncio.Future[None] = loop.create_future()
-
-    def request_stop(signame: str) -> None:
-        log.info("server.signal", signal=signame)
-        if not stop.done():
-            stop.set_result(None)
-
+    stop = StopRequests()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, request_stop, sig.name)
+        loop.add_signal_handler(sig, stop.signal, sig.name)
     await VoiceServer(cfg).serve(stop)

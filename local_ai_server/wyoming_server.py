@@ -45,6 +45,7 @@ class WyomingOutbox:
         self.closing = False
         self._items: collections.deque[tuple[bytes, Turn | None]] = collections.deque()
         self._wake = asyncio.Event()
+        self._writing = False  # an event taken off the queue is being written
 
     def send(self, event: Event, turn: Turn | None = None) -> None:
         """Queue one event (always taken into an empty outbox, whatever its size)."""
@@ -64,6 +65,11 @@ class WyomingOutbox:
         self.closing = True
         self._wake.set()
 
+    @property
+    def idle(self) -> bool:
+        """Everything queued has been written to the socket."""
+        return not self._items and not self._writing
+
     async def run(self, writer: asyncio.StreamWriter) -> None:
         """Write queued events in order, skipping those of cancelled turns, until closed or overflowed."""
         while True:
@@ -74,14 +80,37 @@ class WyomingOutbox:
                 self.queued_bytes -= len(data)
                 if turn is not None and turn.cancelled:
                     continue
-                writer.write(data)
-                await writer.drain()
+                self._writing = True
+                try:
+                    writer.write(data)
+                    await writer.drain()
+                finally:
+                    self._writing = False
             if self.overflowed:
                 log.warning("wyoming.not_reading", queued=self.queued_bytes, budget=self.max_bytes)
                 writer.transport.abort()
                 return
             if self.closing:
                 return
+
+
+class WyomingCall:
+    """The drain's view of one Wyoming connection: closed (end of the TCP stream) when idle between requests."""
+
+    kind = "wyoming"
+
+    def __init__(self, front: WyomingFront, out: WyomingOutbox, parser: WireParser,
+                 writer: asyncio.StreamWriter) -> None:
+        self.front, self.out, self.parser, self.writer = front, out, parser, writer
+
+    def between_turns(self) -> bool:
+        """Nothing half-read, nothing left to send, and the front serves nothing."""
+        return self.parser.buffered == 0 and self.out.idle and self.front.between_turns()
+
+    async def go_away(self) -> None:
+        """End the stream (Wyoming has no close code): what is queued is flushed, then the socket closes."""
+        self.out.close()
+        self.writer.close()
 
 
 class WyomingListener:
@@ -91,6 +120,7 @@ class WyomingListener:
         self.hub = hub
         self.uri = uri
         self.fronts: set[WyomingFront] = set()
+        self.calls: set[WyomingCall] = set()
         self._tasks = TaskOwner("wyoming")
         self._server: asyncio.Server | None = None
         self._zeroconf: Any = None
@@ -142,6 +172,11 @@ class WyomingListener:
             return
         log.info("wyoming.zeroconf", name=self._zeroconf.name, host=self._zeroconf.host, port=port)
 
+    def stop_accepting(self) -> None:
+        """Close the listening socket (the server drains); open connections go on."""
+        if self._server is not None:
+            self._server.close()
+
     async def close(self) -> None:
         """Stop accepting, end every connection, withdraw the announcement."""
         if self._server is not None:
@@ -180,11 +215,14 @@ class WyomingListener:
                 sending = writing.spawn(out.run(writer), name="wyoming-writer")
                 async with TaskOwner(f"wyoming-{session.id}") as tasks:
                     front = WyomingFront(hub, session, out, tasks, remote)
+                    call = WyomingCall(front, out, parser, writer)
                     self.fronts.add(front)
+                    self.calls.add(call)
                     try:
                         await self._pump(reader, parser, front, out, sending, session.id)
                     finally:
                         self.fronts.discard(front)
+                        self.calls.discard(call)
                         await front.close()
                 out.close()
                 with contextlib.suppress(asyncio.TimeoutError, ConnectionError):

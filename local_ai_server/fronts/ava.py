@@ -56,6 +56,10 @@ class AvaFront:
         """The connection ended: end the call and everything it started."""
         await self.call.close()
 
+    def between_turns(self) -> bool:
+        """Idle between turns (a draining server may close it): no utterance, nothing in flight, all sent."""
+        return self.call.between_turns() and self.out.idle
+
     # ------------------------------------------------------------------ parsing
 
     def _failed(self, msg: P.Message | None, exc: BaseException) -> None:

@@ -94,6 +94,7 @@ class WyomingFront:
         self.language: str | None = None
         self.text_stream: TextStream | None = None
         self._jobs: asyncio.Queue[tuple[str, Job]] = asyncio.Queue(MAX_QUEUED)
+        self._serving = False  # a request is being served
         self._worker = tasks.spawn(self._serve_jobs(), name="wyoming-jobs")
 
     # ------------------------------------------------------------------ events in
@@ -182,6 +183,7 @@ class WyomingFront:
     async def _serve_jobs(self) -> None:
         while True:
             what, job = await self._jobs.get()
+            self._serving = True
             try:
                 await job()
             except ServerError as err:
@@ -190,7 +192,13 @@ class WyomingFront:
                 log.exception("wyoming.request_failed", session=self.session.id, request=what)
                 self.out.send(error_event(f"internal error in {what}", "internal"))
             finally:
+                self._serving = False
                 self._jobs.task_done()
+
+    def between_turns(self) -> bool:
+        """Idle between requests (a draining server may close it): no audio or text stream open, none queued."""
+        return (self.audio is None and self.text_stream is None and self._jobs.empty() and not self._serving
+                and self.call.between_turns())
 
     async def end_of_input(self) -> None:
         """The client will send nothing more: end an open text stream, and serve what is queued."""

@@ -40,6 +40,7 @@ class Call:
         self.voice_turn: Turn | None = None
         self._tasks = tasks
         self.stt_answers: SttAnswers | None = None
+        self.awaiting_tool_result = False  # tool calls went out; the client's tool_result finishes the turn
         self.listener = Listener(session, engines, sink, cfg.stt, metrics, tasks, self, cfg.llm.speculate)
 
     # ------------------------------------------------------------------ audio
@@ -142,6 +143,7 @@ class Call:
                   lambda exc: self._turn_error(turn, _as_server_error(exc, "the answer")))
         if kind == "voice" and not held:
             self.voice_turn = turn
+            self.awaiting_tool_result = False  # the caller spoke on: the tool's turn is over
         return turn
 
     def _run(self, turn: Turn, coro: Coroutine[Any, Any, None], on_error: ErrorHandler) -> Turn:
@@ -250,6 +252,7 @@ class Call:
         def send() -> None:
             self.sink.data(event, turn)
             s.add_turn(text, gated.answer or f"(I used the tool {gated.calls[0].name}.)", epoch)
+            self.awaiting_tool_result = True
             log.info("turn.tool_call", session=s.id, call_id=s.call_id, tools=[c.name for c in gated.calls],
                      tool_path=gated.path)
 
@@ -282,6 +285,7 @@ class Call:
         log.info("tool_request.done", session=s.id, call_id=s.call_id, tools=[c.name for c in found.calls],
                  tool_path=found.path)
         answer = found.answer if found.path == "parser" else text
+        self.awaiting_tool_result = bool(found.calls)
         self.sink.data(ToolCalls(answer, [c.wire() for c in found.calls], found.path, found.structured_attempts,
                                  turn.request_id), turn)
 
@@ -289,6 +293,7 @@ class Call:
                     encoding: str | None = None, rate: int | None = None) -> Turn:
         """The answer a tool's result calls for, spoken in every mode; a successful hangup needs no LLM."""
         s = self.session
+        self.awaiting_tool_result = False
         if encoding is not None or rate is not None:
             s.output_encoding, s.output_sample_rate_hz, _fb = s.output_format(encoding, rate)
         terminal = tool_name == toolgate.HANGUP and not is_error
@@ -370,6 +375,11 @@ class Call:
     def stop_speech(self) -> None:
         """Forget buffered audio and the utterance in progress (stop_session, new call)."""
         self.listener.reset()
+        self.awaiting_tool_result = False
+
+    def between_turns(self) -> bool:
+        """Nothing of a turn under way: no utterance, no answer or request in flight, no tool result awaited."""
+        return self.listener.quiet and not self.turns and not self.awaiting_tool_result
 
     async def close(self) -> None:
         """The connection closed: cancel everything this call had in flight, and wait for it to end."""

@@ -80,6 +80,7 @@ class Listener:
         self._audio_since_final = False
         self._stt_unavailable_sent = False
         self._speaking = False  # a VoiceActivity start was sent and its stop not yet
+        self._transcribing = False  # a final is being transcribed (or handed on)
         self.closed = False
 
     # ------------------------------------------------------------------ intake
@@ -311,7 +312,18 @@ class Listener:
             final = await self._finals.get()
             # A partial still running for this utterance is dropped when it completes (its utterance number
             # is stale), so partials never follow their final.
-            await self._final(final)
+            self._transcribing = True
+            try:
+                await self._final(final)
+            finally:
+                self._transcribing = False
+
+    @property
+    def quiet(self) -> bool:
+        """No utterance in progress: the caller is not speaking, nothing heard waits to be segmented or transcribed."""
+        seg = self._segmenter
+        return (self._frames.empty() and self._finals.empty() and not self._transcribing and not self._speaking
+                and (seg is None or not seg.in_speech))
 
     async def _final(self, f: Final) -> None:
         if f.end is None:

@@ -64,7 +64,10 @@ async def test_wrong_token_three_times_closes_1008(auth_server: ServerProc) -> N
 
 
 async def test_sigterm_closes_sessions_1001_and_leaves_no_orphans(models_dir: Path, tmp_path: Path) -> None:
-    srv = start_server(tmp_path, models_dir, env=LONG_ENV)
+    # An answer of 1500 tokens outlasts the drain: it is closed at the drain's timeout (tests/e2e/test_drain.py
+    # has the calls that end their turn first).
+    srv = start_server(tmp_path, models_dir, env={**LONG_ENV, "LOCAL_DRAIN_TIMEOUT_S": "1",
+                                                  "LOCAL_DRAIN_NOTICE_S": "0.2"})
     c: Client = await connect(srv)
     await _start_long(c, "sigterm")
     status = await c.request({"type": "status"}, "status_response")
@@ -81,5 +84,7 @@ async def test_sigterm_closes_sessions_1001_and_leaves_no_orphans(models_dir: Pa
     assert c.closed_code == 1001
     assert not any(pid_exists(p) for p in pids), "LLM worker outlived the server"
     assert elapsed < 10, f"shutdown took {elapsed:.1f}s (limit 10s)"
+    drained = [e for e in srv.log_events() if e.get("event") == "server.drained"]
+    assert [e["closed"] for e in drained] == [{"timeout": 1}], srv.logs()[-2000:]
     with pytest.raises(OSError):
         await websockets.connect(srv.url, open_timeout=2)

@@ -147,3 +147,20 @@ async def test_a_barge_in_drops_queued_speech_of_finished_answers_but_keeps_owed
                                                             ("tts_response", None)]
     assert out.queued_bytes == 0
     writer.cancel()
+
+
+async def test_idle_only_once_the_last_message_has_been_handed_to_the_connection() -> None:
+    ws = FakeWs()
+    out = ConnectionOutbox(ws, max_items=100, owner=TaskOwner("test"))
+    assert out.idle
+    ws.gate.clear()
+    writer = asyncio.ensure_future(out.run())
+    out.send_data({"type": "llm_response"})
+    assert not out.idle  # queued
+    await asyncio.sleep(0.01)
+    assert not out.idle and len(out) == 0  # taken off the queue, but its send has not completed
+    ws.gate.set()
+    await _drain(ws, 1)
+    await asyncio.sleep(0)
+    assert out.idle  # a close frame now follows everything that was sent
+    writer.cancel()

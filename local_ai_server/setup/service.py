@@ -14,8 +14,9 @@ from local_ai_server.setup.registry import SetupError
 UNIT_NAME = "local-ai-server.service"
 # Optional operator settings (LOCAL_WS_HOST, LOCAL_WS_AUTH_TOKEN, ...); the leading "-" makes it optional.
 ENV_FILE = "/etc/local-ai-server.env"
-# The server drains calls for up to 10 s on SIGTERM; systemd must wait a little longer before SIGKILL.
-STOP_TIMEOUT_S = 20
+# The server drains calls for up to LOCAL_DRAIN_TIMEOUT_S (30 s by default) on SIGTERM, then stops its workers;
+# systemd must wait longer than both before SIGKILL.
+STOP_TIMEOUT_S = 45
 
 
 class ServiceError(SetupError):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from local_ai_server.config import from_env
 from local_ai_server.setup.service import UNIT_NAME, ServiceError, UnitSpec, install_unit, render_unit, systemd_running
 from tests.paths import REPO
 
@@ -24,9 +25,10 @@ def test_unit_runs_the_server_with_its_models_and_drains_on_stop(tmp_path: Path)
     assert f"Environment=LOCAL_MODELS_DIR={tmp_path}/models" in lines
     assert "User=voice" in lines and "KillSignal=SIGTERM" in lines and "Restart=on-failure" in lines
     assert "EnvironmentFile=-/etc/local-ai-server.env" in lines
-    # The server drains for up to 10 s after SIGTERM; systemd must not SIGKILL it sooner.
+    # The server drains for up to LOCAL_DRAIN_TIMEOUT_S after SIGTERM, then stops its workers: systemd
+    # must not SIGKILL it sooner.
     stop = next(int(line.split("=")[1]) for line in lines if line.startswith("TimeoutStopSec="))
-    assert stop > 10
+    assert stop > from_env({}, models_dir=tmp_path).drain_timeout_s + 10
     assert lines[lines.index("[Install]") + 1] == "WantedBy=multi-user.target"
 
 

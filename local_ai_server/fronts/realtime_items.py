@@ -13,10 +13,14 @@ import collections
 import re
 from dataclasses import dataclass, field
 
+import structlog
+
 from ..errors import RequestId
 from ..session import Session
 from .realtime_fields import Invalid, short
 from .realtime_render import Response
+
+log = structlog.get_logger(__name__)
 
 MAX_ITEMS = 512  # items remembered (for delete and truncate); the history itself keeps far fewer
 _WORD = re.compile(r"\S+")
@@ -138,6 +142,8 @@ class Conversation:
         self.pending = [i for i in self.pending if i is not item]
         self.outputs = [i for i in self.outputs if i is not item]
         ex = item.exchange
+        log.info("realtime.item_deleted", session=self.session.id, item=item.id, kind=item.kind, role=item.role,
+                 answered=ex is not None)
         if ex is None:
             return
         if item.role == "user":
@@ -165,6 +171,8 @@ class Conversation:
         resp = item.response
         assert resp is not None  # check_truncate made sure
         item.cut, item.audio_end_ms = heard_text(resp.deltas.text, resp.spoken, audio_end_ms), audio_end_ms
+        log.info("realtime.item_truncated", session=self.session.id, item=item.id, audio_end_ms=audio_end_ms,
+                 audio_ms=round(resp.audio_ms), chars=len(item.cut), of_chars=len(resp.deltas.text))
         if item.exchange is not None:
             item.exchange.answer_edited = True
             self._apply(item.exchange)

@@ -203,6 +203,7 @@ async def test_a_cancelled_answer_is_remembered_under_its_request_id(rig: Rig) -
     turn = rig.call.start_turn("Count", kind="llm_request", request_id="r8", speak=False, stream_tokens=True)
     await rig.until(lambda: len(rig.sink.of(Token)) >= 2)
     rig.call.cancel_all()
+    assert turn.task is not None
     await asyncio.gather(turn.task, return_exceptions=True)
     assert rig.session.history_keys == ["r8", "r8"] and rig.session.history[-1][1].startswith("One.")
 

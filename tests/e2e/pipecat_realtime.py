@@ -1,11 +1,13 @@
 """A pipecat pipeline on our /v1/realtime: run in a venv of its own (test_realtime_pipecat.py makes it), not collected.
 
-    python pipecat_realtime.py <ws base url> <api key> <question.wav (24 kHz mono PCM16)>
+    python pipecat_realtime.py <ws base url> <api key> <question.wav> [<question.wav> ...]   (24 kHz mono PCM16)
 
-A Pipeline of [the spoken question, fed as InputAudioRawFrames at real-time pace; pipecat's
-OpenAIRealtimeLLMService; a collector]. The server's own turn detection (server_vad, the service's default)
-hears the question and answers it; the collector keeps the answer's audio and text frames. One JSON summary
-goes to stdout: what pipecat reported, for the test to judge.
+A Pipeline of [the spoken questions, fed as InputAudioRawFrames at real-time pace, each once the answer to
+the one before has ended; pipecat's OpenAIRealtimeLLMService; a collector]. The server's own turn detection
+(server_vad, the service's default) hears each question and answers it; the collector keeps each answer's
+audio and text frames. When the next question starts, pipecat truncates the answer before it at what it
+"played" (no output transport here plays it, so pipecat still counts it as playing). One JSON summary goes
+to stdout: what pipecat reported, for the test to judge.
 """
 
 from __future__ import annotations
@@ -46,14 +48,15 @@ class Summary:
 
     def __init__(self) -> None:
         self.transcripts: list[str] = []
-        self.text: list[str] = []
-        self.tts_text: list[str] = []
-        self.audio = bytearray()
+        self.responses: list[dict[str, Any]] = []  # each answer: its text frames, TTS text frames, audio
         self.audio_rates: set[int] = set()
         self.errors: list[str] = []
         self.prompt_tokens: list[int] = []
-        self.responses_ended = 0
-        self.done = asyncio.Event()
+        self.ended = asyncio.Event()  # an answer (with audio) ended
+        self.start_answer()
+
+    def start_answer(self) -> None:
+        self.responses.append({"text": [], "tts_text": [], "audio": bytearray()})
 
 
 class Head(FrameProcessor):
@@ -82,20 +85,21 @@ class Collector(FrameProcessor):
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
         s = self.summary
+        answer = s.responses[-1]
         if isinstance(frame, TTSAudioRawFrame):
-            s.audio += frame.audio
+            answer["audio"] += frame.audio
             s.audio_rates.add(frame.sample_rate)
         elif isinstance(frame, TTSTextFrame):
-            s.tts_text.append(frame.text)
+            answer["tts_text"].append(frame.text)
         elif isinstance(frame, LLMTextFrame):
-            s.text.append(frame.text)
+            answer["text"].append(frame.text)
         elif isinstance(frame, ErrorFrame):
             s.errors.append(str(frame.error))
         elif isinstance(frame, MetricsFrame):
             s.prompt_tokens += [d.value.prompt_tokens for d in frame.data if isinstance(d, LLMUsageMetricsData)]
-        elif isinstance(frame, LLMFullResponseEndFrame) and s.audio:
-            s.responses_ended += 1
-            s.done.set()
+        elif isinstance(frame, LLMFullResponseEndFrame) and answer["audio"]:
+            s.start_answer()
+            s.ended.set()
         await self.push_frame(frame, direction)
 
 
@@ -106,7 +110,7 @@ def read_wav(path: str) -> tuple[bytes, int]:
 
 
 async def feed(worker: PipelineWorker, pcm: bytes, rate: int) -> None:
-    """The question at real-time pace, after a second of silence (the service connects meanwhile)."""
+    """A question at real-time pace, after a second of silence (the service connects meanwhile), then silence."""
     step = rate * 2 * FRAME_MS // 1000
     audio = b"\x00" * (rate * 2) + pcm + b"\x00" * (rate * 2 * 2)
     t0 = time.monotonic()
@@ -127,8 +131,9 @@ def rms_dbfs(pcm: bytes) -> float:
     return 10 * math.log10(mean / 32768**2) if mean > 0 else -200.0
 
 
-async def main(url: str, key: str, wav: str) -> dict[str, Any]:
-    pcm, rate = read_wav(wav)
+async def main(url: str, key: str, wavs: list[str]) -> dict[str, Any]:
+    questions = [read_wav(w) for w in wavs]
+    rate = questions[0][1]
     summary = Summary()
     llm = OpenAIRealtimeLLMService(
         api_key=key, base_url=url,
@@ -140,30 +145,33 @@ async def main(url: str, key: str, wav: str) -> dict[str, Any]:
     runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(worker)
     run = asyncio.ensure_future(runner.run())
-    feeding = asyncio.ensure_future(feed(worker, pcm, rate))
     timed_out = False
-    try:
-        await asyncio.wait_for(summary.done.wait(), TIMEOUT_S)
-        await asyncio.sleep(0.5)  # the usage metrics come with response.done, right before the end frame
-    except TimeoutError:
-        timed_out = True
-    feeding.cancel()
+    for pcm, _ in questions:
+        summary.ended.clear()
+        feeding = asyncio.ensure_future(feed(worker, pcm, rate))
+        try:
+            await asyncio.wait_for(summary.ended.wait(), TIMEOUT_S)
+            await asyncio.sleep(0.5)  # the usage metrics come with response.done, right before the end frame
+        except TimeoutError:
+            timed_out = True
+        feeding.cancel()
+        await asyncio.gather(feeding, return_exceptions=True)
+        if timed_out or summary.errors:
+            break
     await worker.cancel()
-    await asyncio.gather(run, feeding, return_exceptions=True)
+    await asyncio.gather(run, return_exceptions=True)
+    answers = [r for r in summary.responses if r["audio"]]
     return {
         "timed_out": timed_out,
         "transcripts": summary.transcripts,
-        "text": "".join(summary.text),
-        "tts_text": "".join(summary.tts_text),
-        "audio_bytes": len(summary.audio),
+        "answers": [{"text": "".join(r["text"]), "tts_text": "".join(r["tts_text"]), "audio_bytes": len(r["audio"]),
+                     "audio_dbfs": round(rms_dbfs(bytes(r["audio"])), 1)} for r in answers],
         "audio_rates": sorted(summary.audio_rates),
-        "audio_dbfs": round(rms_dbfs(bytes(summary.audio)), 1),
         "prompt_tokens": summary.prompt_tokens,
-        "responses_ended": summary.responses_ended,
         "errors": summary.errors,
     }
 
 
 if __name__ == "__main__":
-    result = asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
+    result = asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3:]))
     print("PIPECAT_SUMMARY " + json.dumps(result))

@@ -2,8 +2,9 @@
 
 pipecat (pinned) is installed by this test into ~/.cache/local-ai-server/pipecat-<version> (reused while its
 version matches; never into the test's own venv), and `pipecat_realtime.py` runs there as a subprocess: a
-Pipeline that feeds the service a question spoken by the embedded Piper voice, at real-time pace, and
-collects the answer's audio and text frames. Nothing of pipecat is faked; the server's log is the witness.
+Pipeline that feeds the service two questions spoken by the embedded Piper voice, at real-time pace, and
+collects the answers' audio and text frames; as the second question starts, pipecat truncates the first
+answer. Nothing of pipecat is faked; the server's log is the witness.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.e2e
 PIPECAT = "pipecat-ai[openai]==1.14.0"
 VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "local-ai-server" / "pipecat-1.14.0"
 CLIENT = Path(__file__).with_name("pipecat_realtime.py")
+QUESTIONS = [QUESTION, "And what is the capital of Italy?"]
 
 
 def pipecat_python() -> Path:
@@ -56,32 +58,44 @@ def rt(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
 def test_pipecat_realtime_service_talks_to_the_server(rt: ServerProc, speak: Callable[[str], np.ndarray],
                                                       tmp_path: Path) -> None:
     python = pipecat_python()
-    wav = tmp_path / "question.wav"
-    pcm = float32_to_pcm16(resample(np.concatenate([silence(0.3), speak(QUESTION), silence(0.3)]), 16000, 24000))
-    with wave.open(str(wav), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(24000)
-        w.writeframes(pcm)
-    out = subprocess.run([str(python), str(CLIENT), f"ws://127.0.0.1:{rt.port}/v1/realtime", TOKEN, str(wav)],
-                         capture_output=True, text=True, timeout=600)
+    wavs = []
+    for i, question in enumerate(QUESTIONS):
+        wav = tmp_path / f"question{i}.wav"
+        pcm = float32_to_pcm16(resample(np.concatenate([silence(0.3), speak(question), silence(0.3)]), 16000, 24000))
+        with wave.open(str(wav), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(24000)
+            w.writeframes(pcm)
+        wavs.append(str(wav))
+    out = subprocess.run([str(python), str(CLIENT), f"ws://127.0.0.1:{rt.port}/v1/realtime", TOKEN, *wavs],
+                         capture_output=True, text=True, timeout=900)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("PIPECAT_SUMMARY ")]
     assert out.returncode == 0 and lines, out.stdout[-2000:] + out.stderr[-4000:]
     got = json.loads(lines[-1].split(" ", 1)[1])
     assert not got["timed_out"] and got["errors"] == [], got
-    # pipecat heard the server's transcript of the question, and the answer's text and audio.
-    (transcript,) = got["transcripts"]
-    assert wer(QUESTION, transcript) <= 0.34, transcript
-    text = got["text"]
-    assert text.strip() and got["tts_text"] == text
+    # pipecat heard the server's transcript of each question, and each answer's text and audio.
+    assert len(got["transcripts"]) == len(got["answers"]) == 2, got
+    for question, transcript in zip(QUESTIONS, got["transcripts"], strict=True):
+        assert wer(question, transcript) <= 0.34, transcript
     assert got["audio_rates"] == [24000]
-    seconds = got["audio_bytes"] / 2 / 24000
-    words = len(text.split())
-    assert 0.1 * words <= seconds <= 1.5 * words + 2, (seconds, text)
-    assert got["audio_dbfs"] > -40, got["audio_dbfs"]  # speech, not silence
-    assert got["prompt_tokens"] and got["prompt_tokens"][0] > 0  # response.done's usage, as pipecat read it
-    # The server's side: one response, completed, and every byte of its audio reached pipecat.
+    for answer in got["answers"]:
+        text = answer["text"]
+        assert text.strip() and answer["tts_text"] == text
+        seconds = answer["audio_bytes"] / 2 / 24000
+        words = len(text.split())
+        assert 0.1 * words <= seconds <= 1.5 * words + 2, (seconds, text)
+        assert answer["audio_dbfs"] > -40, answer  # speech, not silence
+    # response.done's usage, as pipecat read it: the second prompt holds the first exchange too.
+    first, second = got["prompt_tokens"]
+    assert 0 < first < second
+    # The server's side: two responses, completed, every byte of their audio received by pipecat; and the
+    # truncate pipecat sent for the first answer when the second question started, taken.
     logged = rt.log_events()
-    (done,) = [e for e in logged if e.get("event") == "realtime.response_done"]
-    assert done["status"] == "completed" and done["audio_bytes"] == got["audio_bytes"]
+    done = [e for e in logged if e.get("event") == "realtime.response_done"]
+    assert [e["status"] for e in done] == ["completed", "completed"]
+    assert [e["audio_bytes"] for e in done] == [a["audio_bytes"] for a in got["answers"]]
+    (truncated,) = [e for e in logged if e.get("event") == "realtime.item_truncated"]
+    assert truncated["audio_end_ms"] <= truncated["audio_ms"]
+    assert abs(truncated["audio_ms"] - got["answers"][0]["audio_bytes"] / 48) <= 1  # the first answer's audio
     assert not [e for e in logged if e.get("level") == "error" or e.get("event") == "realtime.error"]

@@ -57,6 +57,18 @@ class RemoteJob(EventStream):
         self.backend._cancel(self)
 
 
+def _note_usage(stats: dict[str, Any], usage: Any) -> None:
+    """The engine's own counts (stream_options.include_usage), where it sends them: they beat our chunk count."""
+    if usage.completion_tokens:
+        stats["usage_tokens"] = usage.completion_tokens
+    if isinstance(usage.prompt_tokens, int) and usage.prompt_tokens > 0:
+        stats["prompt_tokens"] = usage.prompt_tokens
+        details = getattr(usage, "prompt_tokens_details", None)
+        cached = getattr(details, "cached_tokens", None) if details is not None else None
+        if isinstance(cached, int):
+            stats["cached_tokens"] = cached
+
+
 class RemoteLlm:
     """The `Llm` port on an OpenAI-compatible server: bounded concurrency and queue, timeouts, health."""
 
@@ -211,8 +223,8 @@ class RemoteLlm:
                 stream = await self._open(job)
                 async with stream:  # leaving it closes the HTTP response: the engine sees the disconnect
                     async for chunk in stream:
-                        if chunk.usage is not None and chunk.usage.completion_tokens:
-                            job.stats["usage_tokens"] = chunk.usage.completion_tokens
+                        if chunk.usage is not None:
+                            _note_usage(job.stats, chunk.usage)
                         delta = chunk.choices[0].delta.content if chunk.choices else None
                         if not delta:
                             continue

@@ -32,7 +32,11 @@ IDLE_TRIM_S = 1.0
 
 
 class Engine(Protocol):
-    """What a worker needs of a loaded model (engines.llm.LlamaEngine is the real one)."""
+    """What a worker needs of a loaded model (engines.llm.LlamaEngine is the real one).
+
+    An engine may also offer `last_usage()`: the last answer's prompt_tokens (and cached_tokens), sent
+    with its end.
+    """
 
     path: Path
 
@@ -108,6 +112,12 @@ def serve(
             return
 
 
+def _usage(engine: Engine) -> dict[str, int]:
+    """The last answer's prompt token counts, from an engine that tells them (prompt_tokens, cached_tokens)."""
+    last_usage = getattr(engine, "last_usage", None)
+    return dict(last_usage()) if callable(last_usage) else {}
+
+
 def _generate(conn: Connection, engine: Engine, job_id: int, messages: list[tuple[str, str]],
               sampling: SamplingParams) -> bool:
     """Stream one answer to the parent; False when the worker must stop (told to, or the parent is gone)."""
@@ -155,6 +165,7 @@ def _generate(conn: Connection, engine: Engine, job_id: int, messages: list[tupl
                 "done",
                 job_id,
                 {
+                    **_usage(engine),
                     "tokens": tokens,
                     "cancelled": cancelled,
                     "first_token_ms": None if first is None else round((first - t0) * 1000, 1),

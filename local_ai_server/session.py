@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .audio import normalize_output_format
+from .errors import RequestId
 from .tools import Tool
 
 DEFAULT_CALL_ID = "unknown"
@@ -23,6 +24,9 @@ class Session:
     mode: str = "full"
     system_prompt: str | None = None
     history: list[tuple[str, str]] = field(default_factory=list)
+    # The request each history message came from (its turn's request id), kept beside `history`, so that a
+    # front can later edit what one exchange left there (edit_message).
+    history_keys: list[RequestId] = field(default_factory=list)
     output_encoding: str | None = None
     output_sample_rate_hz: int | None = None
     segment_energy_threshold: int | None = None
@@ -56,18 +60,24 @@ class Session:
     def reset_history(self) -> None:
         """Forget the conversation (new call, stop_session)."""
         self.history.clear()
+        self.history_keys.clear()
         self.history_epoch += 1
         self.interrupted = False
 
     def rollback(self) -> bool:
         """Forget the last exchange if it ends with an answer (barge-in with rollback_assistant)."""
         self.interrupted = True
+        self._keys_in_step()
         if not self.history or self.history[-1][0] != "assistant":
             return False
-        self.history.pop()
+        self._pop()
         if self.history and self.history[-1][0] == "user":
-            self.history.pop()
+            self._pop()
         return True
+
+    def _pop(self) -> None:
+        self.history.pop()
+        self.history_keys.pop()
 
     def output_format(self, encoding: str | None = None, rate: int | None = None) -> tuple[str, int, bool]:
         """Effective output (encoding, rate, fell_back): request values first, then session defaults."""
@@ -94,16 +104,47 @@ class Session:
             return [*convo, *new]
         return [("system", prompt), *convo, *new]
 
-    def add_turn(self, user_text: str, answer: str, epoch: int | None = None) -> None:
-        """Remember one exchange (dropped if the history was reset since `epoch`), keeping the latest turns."""
+    def add_turn(self, user_text: str, answer: str, epoch: int | None = None, key: RequestId = None) -> None:
+        """Remember one exchange (dropped if the history was reset since `epoch`), keeping the latest turns.
+
+        `key` names the request the exchange answered, for edit_message.
+        """
         if epoch is not None and epoch != self.history_epoch:
             return
+        self._keys_in_step()
         self.history.append(("user", user_text))
+        self.history_keys.append(key)
         if answer:
             self.history.append(("assistant", answer))
+            self.history_keys.append(key)
         excess = len(self.history) - 2 * self.max_history_turns
         if excess > 0:
             del self.history[:excess]
-        # Never start with an answer whose question was trimmed away.
-        while self.history and self.history[0][0] != "user":
-            del self.history[0]
+            del self.history_keys[:excess]
+            # Never start with an answer whose question was trimmed away.
+            while self.history and self.history[0][0] != "user":
+                del self.history[0]
+                del self.history_keys[0]
+
+    def edit_message(self, key: RequestId, role: str, text: str | None) -> bool:
+        """Rewrite the `role` message of the exchange `key` to `text` (None or "": remove it).
+
+        False when the history holds no such message (never written, trimmed away, or reset since).
+        """
+        if key is None:
+            return False
+        self._keys_in_step()
+        for i, (k, (r, _)) in enumerate(zip(self.history_keys, self.history, strict=True)):
+            if k == key and r == role:
+                if text:
+                    self.history[i] = (role, text)
+                else:
+                    del self.history[i]
+                    del self.history_keys[i]
+                return True
+        return False
+
+    def _keys_in_step(self) -> None:
+        """One key per message: a history set some other way has no keys for what it holds."""
+        if len(self.history_keys) != len(self.history):
+            self.history_keys[:] = [None] * len(self.history)

@@ -42,14 +42,12 @@ class LlamaEngine:
     """One loaded GGUF model that streams chat completions with the model's own chat template."""
 
     def __init__(self, model_path: Path, params: LlmParams) -> None:
-        from llama_cpp import Llama  # heavy import: only in the worker process
-
         if not model_path.is_file():
             raise FileNotFoundError("model file not found")
         self.path = model_path
         self.params = params
         self._grammars: dict[str, Any] = {}
-        self._llm = Llama(
+        self._llm = _counting_llama()(
             model_path=str(model_path),
             n_ctx=params.context,
             n_threads=params.threads,
@@ -104,6 +102,10 @@ class LlamaEngine:
             # objects (gc.freeze): ~0.2 ms.
             gc.collect()
 
+    def last_usage(self) -> dict[str, int]:
+        """The prompt tokens of the last answer streamed, and how many of them llama.cpp reused from its cache."""
+        return {"prompt_tokens": self._llm.prompt_tokens, "cached_tokens": self._llm.cached_tokens}
+
     def _grammar(self, json_schema: str | None) -> Any:
         """The compiled grammar for a schema; a call's tool set repeats every turn, so they are kept (a few)."""
         if json_schema is None:
@@ -157,3 +159,29 @@ class LlamaEngine:
         meta = getattr(self._llm, "metadata", {}) or {}
         return {"name": meta.get("general.name") or self.path.stem, "n_ctx": self._llm.n_ctx()}
 
+
+def _counting_llama() -> Any:
+    """llama_cpp.Llama, noting each generation's prompt size and the part of it reused from the KV cache.
+
+    A streamed chat completion reports no usage. Every completion runs `generate(prompt_tokens)`, whose first
+    `eval` starts where the reused prefix ends (`n_tokens`: 0 after a reset, the whole prompt when all of it
+    was cached), so both counts are exact, read off the calls llama-cpp-python makes anyway.
+    """
+    from llama_cpp import Llama  # heavy import: only in the worker process
+
+    class CountingLlama(Llama):
+        prompt_tokens = 0
+        cached_tokens = 0
+        _fresh = False  # generate() was called and has not evaluated anything yet
+
+        def generate(self, tokens: Any, *args: Any, **kwargs: Any) -> Any:
+            self.prompt_tokens, self.cached_tokens, self._fresh = len(tokens), 0, True
+            return super().generate(tokens, *args, **kwargs)
+
+        def eval(self, tokens: Any) -> None:
+            if self._fresh:
+                self._fresh = False
+                self.cached_tokens = self.n_tokens
+            super().eval(tokens)
+
+    return CountingLlama

@@ -27,6 +27,7 @@ from ..voice.turn import Turn
 from . import realtime_render as R
 from . import realtime_tools as T
 from .realtime_input import CORE_OUT, ManualBuffer, core_input, to_16k
+from .realtime_items import Conversation, Item
 from .realtime_parse import (
     AudioAppend,
     AudioClear,
@@ -35,8 +36,10 @@ from .realtime_parse import (
     FunctionOutput,
     Invalid,
     ItemCreate,
+    ItemDelete,
     ItemTruncate,
     Limits,
+    OutputAudioClear,
     ResponseCancel,
     ResponseCreate,
     SessionConfig,
@@ -53,7 +56,7 @@ BIG_FRAME = 256 * 1024  # text frames longer than this are JSON-decoded on a thr
 BIG_AUDIO_B64 = 64 * 1024  # base64 audio longer than this is decoded on a thread
 MAX_BUFFER_S = 120.0  # audio a manual turn may hold before its commit
 MIN_COMMIT_S = 0.1  # OpenAI refuses to commit less than 100 ms
-KEEP_ITEMS = 64  # assistant items remembered for conversation.item.truncate
+KEEP_ITEMS = 64  # utterances remembered between speech_stopped and their transcript
 
 Closer = Callable[[int, str], Awaitable[None]]
 
@@ -79,11 +82,9 @@ class RealtimeFront:
         session.mode = "stt"  # the core transcribes; this front decides when to answer
         session.authenticated = True  # the handshake was checked (server.py)
         self.call = Call(session, hub.engines, R.ForwardingSink(self.on_core_event), hub.cfg, hub.metrics, tasks)
-        self.responses = Responses(self.ids, session, self.call, outbox, self._next_response)
+        self.conv = Conversation(session)  # the items, and what the user texts waiting for a response are
+        self.responses = Responses(self.ids, session, self.call, outbox, self._next_response, self.conv)
         self._respond_after = False  # a turn ended while a response ran: answer it when that one is done
-        self._pending_user: list[str] = []  # user texts added since the last response
-        self._last_item: str | None = None
-        self._assistant_items: collections.deque[str] = collections.deque(maxlen=KEEP_ITEMS)
         self._vad_item: str | None = None  # the utterance in progress
         self._partial = ""  # its transcript as sent in deltas
         self._awaiting: collections.deque[str] = collections.deque(maxlen=KEEP_ITEMS)  # stopped, not transcribed
@@ -140,11 +141,14 @@ class RealtimeFront:
             self._reset_input()
             self._send(self._event("input_audio_buffer.cleared"))
         elif isinstance(ev, ItemCreate):
-            self._added(R.user_item(self.ids.new("item"), text=ev.text))
-            self._pending_user.append(ev.text)
+            item_id = self.ids.new("item")
+            self._added(R.user_item(item_id, text=ev.text), "message")
+            self.conv.user(item_id, ev.text)
         elif isinstance(ev, FunctionOutput):
-            self.responses.fn.output(ev)  # an unknown call_id is refused here, and nothing is added
-            self._added(T.function_output_item(self.ids.new("item"), ev))
+            item_id = self.ids.new("item")
+            name = self.responses.fn.output(ev, item_id)  # an unknown call_id is refused here, nothing is added
+            self._added(T.function_output_item(item_id, ev), "function_call_output")
+            self.conv.output(item_id, T.remembered_output(name, ev.output))
         elif isinstance(ev, ResponseCreate):
             if self.responses.active is not None:
                 raise Invalid(f"the conversation already has an active response ({self.responses.active.id})",
@@ -159,12 +163,32 @@ class RealtimeFront:
                               param="response_id", event_id=ev.event_id)
             self.responses.cancel("client_cancelled")
         elif isinstance(ev, ItemTruncate):
-            if ev.item_id not in self._assistant_items:
-                raise Invalid(f"no assistant item {ev.item_id[:64]!r} to truncate", param="item_id",
-                              event_id=ev.event_id)
-            # The history keeps the answer's text as generated: the voice core has no word timings to cut it.
+            item = self.conv.check_truncate(ev.item_id, ev.content_index, ev.audio_end_ms, ev.event_id)
+            self._editing(item)
+            self.conv.truncate(item, ev.audio_end_ms)
             self._send(self._event("conversation.item.truncated", item_id=ev.item_id, content_index=ev.content_index,
                                    audio_end_ms=ev.audio_end_ms))
+        elif isinstance(ev, ItemDelete):
+            item = self.conv.find(ev.item_id, "delete", ev.event_id)
+            self._editing(item)
+            self.conv.delete(item)
+            if item.call_id is not None:
+                self.responses.fn.forget(item.call_id)  # its output is refused from now on
+            self.responses.fn.drop(item.id)  # an output waiting for a response
+            self._send(self._event("conversation.item.deleted", item_id=ev.item_id))
+        elif isinstance(ev, OutputAudioClear):
+            rid = self.responses.mute()
+            if rid is None:
+                raise Invalid("there is no response audio to clear", code="response_audio_not_active",
+                              event_id=ev.event_id)
+            self._send(self._event("output_audio_buffer.cleared", response_id=rid))
+
+    def _editing(self, item: Item) -> None:
+        """An item is deleted or truncated: the response making it ends first (its end is sent before the edit's
+        answer), and an early answer started on the conversation as it was is dropped at its final."""
+        if item.response is not None and item.response is self.responses.active:
+            self.responses.cancel("client_cancelled")
+        self._guesses.clear()
 
     # ------------------------------------------------------------------ session
 
@@ -223,7 +247,7 @@ class RealtimeFront:
 
     def _committed(self, item_id: str) -> str:
         """input_audio_buffer.committed and the user item it becomes (its transcript still to come)."""
-        previous = self._previous(item_id)
+        previous = self.conv.add(Item(item_id, "message", "user"))
         self._send(self._event("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id))
         self._send(self._event("conversation.item.added", previous_item_id=previous,
                                item=R.user_item(item_id, transcript=None, status="in_progress")))
@@ -239,8 +263,7 @@ class RealtimeFront:
                                    content_index=0, transcript=text, usage={"type": "duration", "seconds": 0}))
         self._send(self._event("conversation.item.done", previous_item_id=None,
                                item=R.user_item(item_id, transcript=text)))
-        if text:
-            self._pending_user.append(text)
+        self.conv.user(item_id, text)
 
     # ------------------------------------------------------------------ what the core says
 
@@ -304,7 +327,7 @@ class RealtimeFront:
     def guess(self, text: str, request_id: RequestId) -> Turn | None:
         """Start the response to an utterance still in its end-of-utterance silence, held; None if not now."""
         td = self.cfg.turn_detection
-        if self._closed or td is None or not td.create_response or self._pending_user or self.responses.active:
+        if self._closed or td is None or not td.create_response or self.conv.pending or self.responses.active:
             return None  # the response would not be (only) to these words, or not now
         turn = self.responses.guess(text, audio=self.cfg.audio_output, tools=self.cfg.tools,
                                     choice=self.cfg.tool_choice)
@@ -317,7 +340,7 @@ class RealtimeFront:
         """A final (after its Transcribed): the response to it, taking its early turn if nothing changed since."""
         answer, self._answer_final = self._answer_final, False
         settings = self._guesses.pop(guess.turn, None) if guess is not None else None
-        if guess is not None and not (answer and settings is self.cfg and self._pending_user == [text]
+        if guess is not None and not (answer and settings is self.cfg and self.conv.pending_texts == [text]
                                       and self.responses.active is None):
             self.call.drop_guess(guess)
             guess = None
@@ -333,11 +356,9 @@ class RealtimeFront:
     def _start_response(self, instructions: str | None, audio_output: bool | None, out_of_band: bool,
                         tools: tuple[Tool, ...] | None = None, choice: T.ToolChoice | None = None,
                         guess: Guess | None = None) -> None:
-        user_text, item_id, previous = "\n".join(self._pending_user), self.ids.new("item"), None
-        if not out_of_band:
-            self._pending_user.clear()
-            previous = self._previous(item_id)
-            self._assistant_items.append(item_id)
+        user_text, item_id, previous = "\n".join(self.conv.pending_texts), self.ids.new("item"), None
+        if not out_of_band:  # the response (Responses.start) takes the waiting user texts into its exchange
+            previous = self.conv.add(Item(item_id, "message", "assistant"))
         self._respond_after = False
         self.responses.start(user_text, item_id, previous, audio=self.cfg.audio_output if audio_output is None
                              else audio_output, output_format=self.cfg.output_format, instructions=instructions,
@@ -345,7 +366,7 @@ class RealtimeFront:
                              choice=choice or self.cfg.tool_choice, guess=guess)
 
     def _next_response(self) -> None:
-        if self._respond_after and self._pending_user:
+        if self._respond_after and self.conv.pending:
             self._start_response(None, None, False)
 
     # ------------------------------------------------------------------ out
@@ -360,13 +381,8 @@ class RealtimeFront:
         log.info("realtime.error", session=self.session.id, code=msg["error"]["code"], param=msg["error"]["param"])
         self.out.send_control(msg)
 
-    def _added(self, item: dict[str, Any]) -> None:
+    def _added(self, item: dict[str, Any], kind: str) -> None:
         """A client's item, added to the conversation (and done: it is whole)."""
-        previous = self._previous(item["id"])
+        previous = self.conv.add(Item(item["id"], kind, "user"))
         self._send(self._event("conversation.item.added", previous_item_id=previous, item=item))
         self._send(self._event("conversation.item.done", previous_item_id=previous, item=item))
-
-    def _previous(self, item_id: str) -> str | None:
-        """The item before `item_id`, which becomes the last one."""
-        previous, self._last_item = self._last_item, item_id
-        return previous

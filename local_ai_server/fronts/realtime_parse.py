@@ -135,6 +135,17 @@ class ItemCreate:
 
 
 @dataclass(frozen=True)
+class ItemDelete:
+    event_id: str | None
+    item_id: str
+
+
+@dataclass(frozen=True)
+class OutputAudioClear:
+    event_id: str | None
+
+
+@dataclass(frozen=True)
 class ItemTruncate:
     event_id: str | None
     item_id: str
@@ -159,13 +170,11 @@ class ResponseCancel:
 
 
 ClientEvent = (SessionUpdate | AudioAppend | AudioCommit | AudioClear | ItemCreate | FunctionOutput | ItemTruncate
-               | ResponseCreate | ResponseCancel)
+               | ItemDelete | OutputAudioClear | ResponseCreate | ResponseCancel)
 
 # Known events this server does not serve (said so, rather than "unknown").
 UNSUPPORTED = {
-    "conversation.item.delete": "deleting items is not supported: the conversation is kept as text turns",
     "conversation.item.retrieve": "retrieving items is not supported",
-    "output_audio_buffer.clear": "output_audio_buffer.clear is for WebRTC and SIP connections only",
     "transcription_session.update": "transcription sessions are not supported; use a realtime session",
 }
 
@@ -211,6 +220,10 @@ def parse(obj: dict[str, Any], limits: Limits = Limits()) -> ClientEvent:
             return ItemTruncate(eid, get_str(obj, "item_id", required=True) or "",
                                 get_int(obj, "content_index", 0, 0, 16),
                                 get_int(obj, "audio_end_ms", None, 0, 24 * 3600 * 1000))
+        if kind == "conversation.item.delete":
+            return ItemDelete(eid, get_str(obj, "item_id", required=True) or "")
+        if kind == "output_audio_buffer.clear":
+            return OutputAudioClear(eid)
         if kind == "response.create":
             return _response_create(eid, get_obj(obj, "response") or {}, limits)
         if kind == "response.cancel":

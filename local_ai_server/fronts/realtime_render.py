@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..audio import alaw_encode
+from ..errors import RequestId
 from ..voice.events import Event
 from ..voice.turn import Turn
 from .realtime_parse import FORMATS, Invalid, SessionConfig
@@ -170,6 +171,10 @@ class Response:
     closed: bool = False
     item_open: bool = False  # its message item was added (a response that became a function call has none)
     output_item: dict[str, Any] | None = None  # the function call it made instead
+    history_key: RequestId = None  # the request id its exchange carries in the core's history
+    spoken: list[tuple[str, float]] = field(default_factory=list)  # (sentence, ms) of each speech chunk sent
+    muted: bool = False  # output_audio_buffer.clear: none of its audio is sent any more
+    usage: dict[str, int] = field(default_factory=dict)  # the engine's counts for its answer (Answer.usage)
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         """A server event of this response, with a fresh event_id."""
@@ -190,9 +195,15 @@ class Response:
         elif with_output and self.item_open:
             output = [assistant_item(self.item_id, self.audio, self.deltas.text,
                                      "completed" if status == "completed" else "incomplete")]
-        usage = {"total_tokens": self.output_tokens, "input_tokens": 0, "output_tokens": self.output_tokens,
-                 "input_token_details": {"cached_tokens": 0, "text_tokens": 0, "audio_tokens": 0},
-                 "output_token_details": {"text_tokens": self.output_tokens, "audio_tokens": 0}}
+        # The input is text (the caller's words are transcribed); audio is spoken from the text, no tokens.
+        inp, cached = self.usage.get("input_tokens", 0), self.usage.get("cached_tokens", 0)
+        out = self.usage.get("output_tokens", self.output_tokens)
+        usage = {"total_tokens": inp + out, "input_tokens": inp, "output_tokens": out,
+                 "input_token_details": {"cached_tokens": cached, "text_tokens": inp, "audio_tokens": 0,
+                                         "image_tokens": 0,
+                                         "cached_tokens_details": {"text_tokens": cached, "audio_tokens": 0,
+                                                                   "image_tokens": 0}},
+                 "output_token_details": {"text_tokens": out, "audio_tokens": 0}}
         return {"id": self.id, "object": "realtime.response", "status": status, "status_details": details,
                 "output": output, "conversation_id": None if self.out_of_band else "conv_default",
                 "output_modalities": ["audio"] if self.audio else ["text"],
@@ -228,9 +239,15 @@ class Response:
         kind = "response.output_audio_transcript.delta" if self.audio else "response.output_text.delta"
         return self.event(kind, **self._part(delta=piece))
 
-    def audio_deltas(self, payload: bytes) -> list[dict[str, Any]]:
-        """A chunk of speech as audio deltas."""
+    @property
+    def audio_ms(self) -> float:
+        """How long the audio it sent plays."""
+        return sum(ms for _, ms in self.spoken)
+
+    def audio_deltas(self, payload: bytes, text: str = "", ms: float = 0.0) -> list[dict[str, Any]]:
+        """A chunk of speech (`ms` of it, saying `text`) as audio deltas."""
         self.audio_bytes += len(payload)
+        self.spoken.append((text, ms))
         return [self.event("response.output_audio.delta", **self._part(delta=b64))
                 for b64 in audio_chunks(payload, self.output_format)]
 
@@ -275,6 +292,17 @@ class Response:
             events.append(self.event("conversation.item.done", item=done))
         events.append(self.event("response.done", response=self.body("completed", with_output=True)))
         return events
+
+
+def rate_limits(ids: Ids, max_output_tokens: int) -> dict[str, Any]:
+    """rate_limits.updated as a response starts: the limits this server really has, none made up.
+
+    `requests`: one response in progress per connection, which this one now holds; `tokens`: what one
+    response may generate, each response with a budget of its own. Neither has a time window (reset 0).
+    """
+    return {"type": "rate_limits.updated", "event_id": ids.new("event"), "rate_limits": [
+        {"name": "requests", "limit": 1, "remaining": 0, "reset_seconds": 0.0},
+        {"name": "tokens", "limit": max_output_tokens, "remaining": max_output_tokens, "reset_seconds": 0.0}]}
 
 
 def cancelled_details(reason: str) -> dict[str, Any]:

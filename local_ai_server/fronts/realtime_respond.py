@@ -22,6 +22,7 @@ from ..voice.guess import Guess
 from ..voice.turn import Turn
 from . import realtime_render as R
 from . import realtime_tools as T
+from .realtime_items import Conversation
 
 log = structlog.get_logger(__name__)
 
@@ -32,11 +33,12 @@ class Responses:
     """The responses of one connection: started, streamed, turned into function calls, ended."""
 
     def __init__(self, ids: R.Ids, session: Session, call: Call, out: ConnectionOutbox,
-                 on_done: Callable[[], None]) -> None:
+                 on_done: Callable[[], None], conv: Conversation) -> None:
         self.ids = ids
         self.session = session
         self.call = call
         self.out = out
+        self.conv = conv
         self.current: R.Response | None = None
         self.fn = T.FunctionCalls()
         self.closed = False  # the connection ended: nothing more is sent
@@ -89,8 +91,12 @@ class Responses:
             guess = None
         self.current, self._deciding = resp, None
         self._alias = guess.turn.request_id if guess is not None else None
+        resp.history_key = self._alias if self._alias is not None else resp.id
+        if not out_of_band:
+            self.conv.open(resp, outputs)
         self._context_turn, self._epoch = context is not None, self.session.history_epoch
         self._send(resp.created())
+        self._send(R.rate_limits(self.ids, self.call.engines.sampling().max_tokens))
         log.info("realtime.response", session=self.session.id, response=resp.id, audio=audio, chars=len(told),
                  instructions=instructions is not None, out_of_band=out_of_band, tools=len(usable), tool_choice=mode,
                  function_outputs=outputs, early=guess is not None)
@@ -110,11 +116,13 @@ class Responses:
             if msg is not None:
                 self.out.send_data(msg, turn)
         elif isinstance(event, Speech):
-            if resp is not None and mine:
-                for msg in resp.audio_deltas(event.audio):
+            if resp is not None and mine and not resp.muted:
+                ms = len(event.audio) / (1 if event.encoding == "mulaw" else 2) / event.sample_rate_hz * 1000
+                for msg in resp.audio_deltas(event.audio, event.text, ms):
                     self.out.send_data(msg, turn)
         elif isinstance(event, Answer):
             if resp is not None and mine:
+                resp.usage = dict(event.usage)
                 self._finish(resp, "completed")
         elif isinstance(event, ToolCalls):
             if resp is not None and mine:
@@ -134,6 +142,13 @@ class Responses:
         """Whether an event with this request id is the current response's (or its early turn's)."""
         cur = self.current
         return cur is not None and request_id is not None and request_id in (cur.id, self._alias)
+
+    def mute(self) -> str | None:
+        """output_audio_buffer.clear: no more audio of the response in progress; the id of the response whose
+        audio that is (the last one, when none is in progress), None when there was none."""
+        if self.active is not None:
+            self.active.muted = True
+        return self.current.id if self.current is not None else None
 
     def cancel(self, reason: str) -> None:
         """The response in progress ends now, `cancelled`; none of its audio follows its response.done."""
@@ -157,6 +172,7 @@ class Responses:
                                         policy="auto", choice=mode, request_id=resp.id)
         except ServerError as err:
             self._finish(resp, "failed", R.failed_details(err.code, err.message))
+            self.conv.settle(resp.item_id)
             return
         self._deciding = (resp.id, told, context)
         if turn.task is not None:  # a decision that ends with no verdict still ends its response
@@ -172,10 +188,12 @@ class Responses:
         name, parameters = event.calls[0]["name"], event.calls[0]["parameters"]
         call_id = self.ids.new("call")
         self.fn.made(call_id, name)
+        self.conv.called(resp.item_id, call_id)
         for msg in resp.function_call(resp.previous_item_id, call_id, name, parameters):
             self._send(msg)
         if not resp.out_of_band:
-            self.session.add_turn(resp.user_text, T.remembered_call(name, parameters), self._epoch)
+            self.session.add_turn(resp.user_text, T.remembered_call(name, parameters), self._epoch,
+                                  key=resp.history_key)
         log.info("realtime.function_call", session=self.session.id, response=resp.id, name=name, path=event.path)
         self._on_done()
 
@@ -188,6 +206,7 @@ class Responses:
                                         stream_tokens=True, context=context, remember=resp.user_text)
         except ServerError as err:
             self._finish(resp, "failed", R.failed_details(err.code, err.message))
+            self.conv.settle(resp.item_id)
             return
         if turn.task is not None:
             turn.task.add_done_callback(lambda _t: self._turn_ended(resp))
@@ -201,16 +220,18 @@ class Responses:
             guess.turn.task.add_done_callback(lambda _t: self._turn_ended(resp))
 
     def _turn_ended(self, resp: R.Response) -> None:
-        """The response's turn is over: one that ended without an answer still gets its response.done."""
+        """The response's turn is over (and wrote its history): one that ended without an answer still gets its
+        response.done, and edits of its items waiting for the history apply now."""
         if not resp.closed and not self.closed:
             self._finish(resp, "failed", R.failed_details("internal", "the response ended without an answer"))
+        self.conv.settle(resp.item_id)
 
     def _finish(self, resp: R.Response, status: str, details: dict[str, Any] | None = None) -> None:
         for msg in resp.closing(status, details):
             self._send(msg)
         if status == "completed" and self._context_turn and not resp.out_of_band:
             # The core keeps no history for a turn run on a context: this one belongs to the conversation.
-            self.session.add_turn(resp.user_text, resp.deltas.text, self._epoch)
+            self.session.add_turn(resp.user_text, resp.deltas.text, self._epoch, key=resp.history_key)
         log.info("realtime.response_done", session=self.session.id, response=resp.id, status=status,
                  audio_bytes=resp.audio_bytes, tokens=resp.output_tokens)
         self._on_done()

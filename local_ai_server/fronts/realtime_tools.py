@@ -142,7 +142,7 @@ class FunctionCalls:
 
     def __init__(self) -> None:
         self._open: collections.OrderedDict[str, str] = collections.OrderedDict()  # call_id -> function name
-        self._outputs: list[tuple[str, str]] = []
+        self._outputs: list[tuple[str, str, str]] = []  # (item id, function name, output), to answer next
 
     def made(self, call_id: str, name: str) -> None:
         """A response called `name`; its output may come."""
@@ -150,13 +150,23 @@ class FunctionCalls:
         while len(self._open) > KEEP_CALLS:
             self._open.popitem(last=False)
 
-    def output(self, out: FunctionOutput) -> None:
-        """The client's output of a call; an unknown (or already answered) call_id is refused."""
+    def output(self, out: FunctionOutput, item_id: str = "") -> str:
+        """The client's output of a call (its item `item_id`), and the function's name; an unknown (or already
+        answered) call_id is refused."""
         name = self._open.pop(out.call_id, None)
         if name is None:
             raise Invalid(f"no function call {short(out.call_id)} awaits an output", param="item.call_id",
                           event_id=out.event_id)
-        self._outputs.append((name, out.output))
+        self._outputs.append((item_id, name, out.output))
+        return name
+
+    def forget(self, call_id: str) -> None:
+        """The call's item was deleted: an output for it is refused from now on."""
+        self._open.pop(call_id, None)
+
+    def drop(self, item_id: str) -> None:
+        """An output not answered yet was deleted: the next response does not see it."""
+        self._outputs = [o for o in self._outputs if o[0] != item_id]
 
     @property
     def waiting(self) -> bool:
@@ -166,12 +176,17 @@ class FunctionCalls:
     def take(self, user_text: str) -> tuple[str, str]:
         """The next response's input with the outputs in it: (what the model is told, what the history keeps)."""
         outputs, self._outputs = self._outputs, []
-        told = [tool_result_prompt(name, _result(output), False) for name, output in outputs]
-        kept = [f"(The tool {name} returned: {' '.join(output.split())[:REMEMBER_CHARS]})" for name, output in outputs]
+        told = [tool_result_prompt(name, _result(output), False) for _, name, output in outputs]
+        kept = [remembered_output(name, output) for _, name, output in outputs]
         if user_text:
             told.append(user_text)
             kept.append(user_text)
         return "\n".join(told), "\n".join(kept)
+
+
+def remembered_output(name: str, output: str) -> str:
+    """A function's output as the history keeps it (part of the next user turn)."""
+    return f"(The tool {name} returned: {' '.join(output.split())[:REMEMBER_CHARS]})"
 
 
 def remembered_call(name: str, parameters: dict[str, Any]) -> str:

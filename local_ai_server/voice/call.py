@@ -204,14 +204,14 @@ class Call:
             # cancel_all. The caller heard (part of) this answer: keep it so the conversation stays
             # coherent, unless the history was reset meanwhile or the client asked for a rollback.
             if context is None and turn.parts and not turn.held and not turn.rollback:
-                s.add_turn(remembered, "".join(turn.parts).strip(), epoch)
+                s.add_turn(remembered, "".join(turn.parts).strip(), epoch, key=turn.request_id)
             raise
-        response = Answer(answer, turn.request_id, turn.response_mode, turn.flags)
+        response = Answer(answer, turn.request_id, turn.response_mode, turn.flags, usage=_usage(job.stats))
 
         def finish() -> None:
             self.sink.data(response, turn)
             if context is None:
-                s.add_turn(remembered, answer, epoch)
+                s.add_turn(remembered, answer, epoch, key=turn.request_id)
             s.interrupted = False  # the answer after an interruption has been given
             self._log_turn(turn, job.stats, len(answer))
 
@@ -251,7 +251,7 @@ class Call:
 
         def send() -> None:
             self.sink.data(event, turn)
-            s.add_turn(text, gated.answer or f"(I used the tool {gated.calls[0].name}.)", epoch)
+            s.add_turn(text, gated.answer or f"(I used the tool {gated.calls[0].name}.)", epoch, key=turn.request_id)
             self.awaiting_tool_result = True
             log.info("turn.tool_call", session=s.id, call_id=s.call_id, tools=[c.name for c in gated.calls],
                      tool_path=gated.path)
@@ -386,6 +386,12 @@ class Call:
         self.listener.closed = True
         self.cancel_all()
         await self._tasks.aclose()
+
+
+def _usage(stats: dict[str, Any]) -> dict[str, int]:
+    """The token counts an LLM job reported (output, and the prompt's when the engine told them)."""
+    names = {"tokens": "output_tokens", "prompt_tokens": "input_tokens", "cached_tokens": "cached_tokens"}
+    return {name: int(stats[key]) for key, name in names.items() if isinstance(stats.get(key), int)}
 
 
 def _as_server_error(exc: BaseException, what: str) -> ServerError:

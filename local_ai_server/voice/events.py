@@ -31,17 +31,22 @@ class Token:
 
 @dataclass(frozen=True)
 class Answer:
-    """The whole text of an answer; `mode` and `flags` say what kind of answer it was."""
+    """The whole text of an answer; `mode` and `flags` say what kind of answer it was.
+
+    `usage` holds the generation's token counts its engine reported: output_tokens, and input_tokens and
+    cached_tokens (prompt tokens reused from the engine's cache) where it tells them.
+    """
 
     text: str
     request_id: RequestId = None
     mode: str = "llm"
     flags: dict[str, Any] = field(default_factory=dict)
+    usage: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Speech:
-    """One chunk of spoken answer: encoded audio and where it sits in its utterance."""
+    """One chunk of spoken answer: encoded audio, where it sits in its utterance, and the words it says."""
 
     audio: bytes
     encoding: str
@@ -51,6 +56,7 @@ class Speech:
     final: bool
     mode: str
     request_id: RequestId = None
+    text: str = ""  # the sentence spoken ("" for a closing silence)
 
 
 @dataclass(frozen=True)

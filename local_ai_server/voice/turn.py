@@ -174,18 +174,19 @@ async def speak(turn: Turn, sentences: asyncio.Queue[tuple[str, bool] | None], v
             return
         if not payload:
             continue
-        emit_speech(turn, voice, utterance_id, index, is_last, payload)
+        emit_speech(turn, voice, utterance_id, index, is_last, payload, words)
         index += 1
 
 
-def emit_speech(turn: Turn, voice: Voice, utterance_id: str, index: int, final: bool, payload: bytes) -> None:
-    """One chunk of the turn's utterance to the sink (when the turn is released, if it is held)."""
+def emit_speech(turn: Turn, voice: Voice, utterance_id: str, index: int, final: bool, payload: bytes,
+                text: str = "") -> None:
+    """One chunk of the turn's utterance (saying `text`) to the sink (when the turn is released, if held)."""
     if turn.cancelled:
         return
     if final:
         turn.timings["final_sent"] = 1.0
     chunk = Speech(payload, voice.encoding, voice.rate, utterance_id, index, final, turn.audio_mode,
-                   turn.request_id)
+                   turn.request_id, text)
 
     def send() -> None:
         # Stamped when it really goes out: a speculative turn's audio may have waited for the final.

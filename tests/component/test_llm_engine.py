@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,3 +87,21 @@ def test_answers_leave_no_native_memory_behind(engine: LlamaEngine) -> None:
     after = heap.in_use_bytes()
     assert after is not None
     assert after - before < 2 * 2**20, f"{(after - before) / 2**20:.1f} MB kept by 12 answers"
+
+
+def test_a_streamed_answer_tells_its_prompt_tokens_and_what_the_cache_held(engine: LlamaEngine) -> None:
+    chat = [("system", "You are a helpful assistant."), ("user", "Name a fruit.")]
+    "".join(engine.stream([("user", "Something else entirely, to clear the cache.")], SAMPLING, lambda: False))
+    "".join(engine.stream(chat, SAMPLING, lambda: False))
+    first = engine.last_usage()
+    # llama-cpp-python's own count for the same chat (a non-streamed completion reports usage).
+    chat_dicts: Any = [{"role": r, "content": c} for r, c in chat]
+    reference = engine._llm.create_chat_completion(messages=chat_dicts, max_tokens=1)["usage"]["prompt_tokens"]
+    assert first["prompt_tokens"] == reference > 10
+    assert first["cached_tokens"] < first["prompt_tokens"]
+    # The same chat with one more exchange: the prefix already in the KV cache is reused, and counted so.
+    longer = [*chat, ("assistant", "An apple."), ("user", "And a vegetable?")]
+    "".join(engine.stream(longer, SAMPLING, lambda: False))
+    second = engine.last_usage()
+    assert second["prompt_tokens"] > first["prompt_tokens"]
+    assert first["prompt_tokens"] // 2 < second["cached_tokens"] < second["prompt_tokens"]

@@ -390,8 +390,8 @@ async def test_a_server_vad_turn_is_answered_early_in_the_documented_order(
     assert kinds == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
                      "input_audio_buffer.committed", "conversation.item.added",
                      "conversation.item.input_audio_transcription.completed", "conversation.item.done",
-                     "response.created", "response.output_item.added", "conversation.item.added",
-                     "response.content_part.added", "delta", "response.output_audio.done",
+                     "response.created", "rate_limits.updated", "response.output_item.added",
+                     "conversation.item.added", "response.content_part.added", "delta", "response.output_audio.done",
                      "response.output_audio_transcript.done", "response.content_part.done",
                      "response.output_item.done", "conversation.item.done", "response.done"], kinds
     assert {e.response_id for e in ev.all[mark:] if getattr(e, "response_id", None)} == {rid}

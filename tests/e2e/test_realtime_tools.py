@@ -127,3 +127,28 @@ async def test_tool_choice_none_answers_and_bad_tools_are_refused(
     await conn.session.update(session={"type": "realtime"})
     now = (await ev.type("session.updated", ev.index(err))).session
     assert now.instructions == "" and now.tool_choice == "none" and len(now.tools) == 1
+
+
+async def test_a_deleted_function_call_takes_no_output_and_leaves_the_history(
+        conn_ev: tuple[AsyncRealtimeConnection, Events], rt_tools: ServerProc) -> None:
+    conn, ev = conn_ev
+    await conn.session.update(session=cast(Any, {"type": "realtime", "output_modalities": ["text"],
+                                                 "tools": [WEATHER], "tool_choice": "required", **MANUAL}))
+    await ev.type("session.updated")
+    await ask(conn, "What is the weather in Rome?")
+    await conn.response.create()
+    call = (await ev.type("response.done")).response.output[0]
+    assert call.type == "function_call"
+    mark = len(ev.all)
+    await conn.conversation.item.delete(item_id=call.id)
+    assert (await ev.type("conversation.item.deleted", mark)).item_id == call.id
+    await conn.conversation.item.create(event_id="evt_gone", item={
+        "type": "function_call_output", "call_id": call.call_id, "output": "{}"})
+    err = await ev.type("error", mark)
+    assert (err.error.param, err.error.event_id) == ("item.call_id", "evt_gone")
+    # The next response reads the question without the call: one user message in the history.
+    await conn.session.update(session=cast(Any, {"type": "realtime", "tool_choice": "none"}))
+    await ev.type("session.updated", mark)
+    await conn.response.create()
+    assert (await ev.type("response.done", ev.index(err))).response.status == "completed"
+    assert realtime_requests(rt_tools)[-1]["history"] == 1

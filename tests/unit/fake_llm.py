@@ -33,6 +33,11 @@ class FakeEngine:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.prompt_chars = 0
+
+    def last_usage(self) -> dict[str, int]:
+        """The last prompt's size, as a real engine tells its token count: here, its characters."""
+        return {"prompt_tokens": self.prompt_chars, "cached_tokens": 0}
 
     def warm_up(self) -> None:
         pass
@@ -43,6 +48,7 @@ class FakeEngine:
     def stream(self, messages: list[tuple[str, str]], sampling: SamplingParams,
                should_stop: Callable[[], bool]) -> Iterator[str]:
         spec = json.loads(messages[-1][1])
+        self.prompt_chars = sum(len(content) for _, content in messages)
         for i, token in enumerate([*spec["tokens"], None]):
             if spec["fail"] is not None and i == spec["fail_after"]:
                 if spec["fail"] == "raise":

@@ -17,6 +17,7 @@ FORBIDDEN = ("websockets", "faster_whisper", "ctranslate2", "llama_cpp", "piper"
                                     "local_ai_server.fronts.realtime_parse", "local_ai_server.fronts.realtime_render",
                                     "local_ai_server.fronts.realtime_input", "local_ai_server.fronts.realtime_tools",
                                     "local_ai_server.fronts.realtime_fields", "local_ai_server.fronts.realtime_respond",
+                                    "local_ai_server.fronts.realtime_items",
                                     "local_ai_server.protocol", "local_ai_server.audio", "local_ai_server.text"])
 def test_core_module_imports_no_socket_and_no_model_library(module: str) -> None:
     code = (f"import sys, {module}; "

@@ -96,6 +96,14 @@ async def test_requests_are_served_in_submission_order(make_pool: PoolFactory) -
     assert pool.counters["generations_completed"] == 3 and pool.snapshot()["busy"] == 0
 
 
+async def test_the_engine_s_prompt_token_count_comes_with_the_end(make_pool: PoolFactory) -> None:
+    pool = await make_pool()
+    messages = script(["a", "b"])
+    job = pool.submit(messages, SAMPLING)
+    assert await text_of(job) == "ab"
+    assert job.stats["prompt_tokens"] == len(messages[0][1]) and job.stats["cached_tokens"] == 0
+
+
 async def test_a_full_queue_refuses_with_busy(make_pool: PoolFactory) -> None:
     pool = await make_pool(max_queue=2)
     running = pool.submit(SLOW, SAMPLING)

@@ -71,6 +71,37 @@ async def test_garbage_stream_is_engine_error_and_a_401_fails_the_backend(
     await llm.close()
 
 
+def sse(*chunks: str) -> bytes:
+    return "".join(f"data: {c}\n\n" for c in (*chunks, "[DONE]")).encode()
+
+
+CHUNK = ('{"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", '
+         '"choices": [{"index": 0, "delta": {"content": "%s"}, "finish_reason": null}]}')
+
+
+@pytest.mark.parametrize(("usage", "expected"), [
+    ('{"prompt_tokens": 31, "completion_tokens": 3, "total_tokens": 34, '
+     '"prompt_tokens_details": {"cached_tokens": 20}}', {"prompt_tokens": 31, "cached_tokens": 20, "tokens": 3}),
+    ('{"prompt_tokens": 31, "completion_tokens": 3, "total_tokens": 34}', {"prompt_tokens": 31, "tokens": 3}),
+    (None, {"tokens": 2}),  # an engine that sends no usage: our chunk count, and no prompt figure made up
+])
+async def test_the_engine_s_usage_gives_the_token_counts(fake: Callable[[Handler], asyncio.Future[str]],
+                                                       usage: str | None, expected: dict[str, int]) -> None:
+    chunks = [CHUNK % "Hel", CHUNK % "lo."]
+    if usage is not None:
+        chunks.append('{"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [], '
+                      f'"usage": {usage}}}')
+    body = sse(*chunks)
+    url = await fake(lambda path: (200, MODELS, "application/json") if path.endswith("/models")
+                     else (200, body, "text/event-stream"))
+    llm = RemoteLlm(url, None, "m", probe_interval_s=60)
+    await llm.start()
+    job = llm.submit([("user", "hi")], SAMPLING)
+    assert "".join([d async for d in job.stream()]) == "Hello."
+    assert {k: job.stats[k] for k in ("prompt_tokens", "cached_tokens", "tokens") if k in job.stats} == expected
+    await llm.close()
+
+
 async def test_unknown_model_and_an_unreachable_backend() -> None:
     llm = RemoteLlm("http://127.0.0.1:9/v1", None, "m", probe_interval_s=60)  # discard port: refused
     await llm.start()

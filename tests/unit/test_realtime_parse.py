@@ -22,8 +22,10 @@ from local_ai_server.fronts.realtime_parse import (
     FunctionOutput,
     Invalid,
     ItemCreate,
+    ItemDelete,
     ItemTruncate,
     Limits,
+    OutputAudioClear,
     ResponseCancel,
     ResponseCreate,
     SessionConfig,
@@ -135,6 +137,11 @@ def test_items() -> None:
                    "audio_end_ms": 1500})
     assert trunc == ItemTruncate(None, "item_1", 0, 1500)
     assert refused({"type": "conversation.item.truncate", "item_id": "i", "audio_end_ms": -1}).param == "audio_end_ms"
+    assert parse({"type": "conversation.item.delete", "event_id": "d1", "item_id": "item_1"}) == \
+        ItemDelete("d1", "item_1")
+    gone = refused({"type": "conversation.item.delete", "event_id": "d2"})
+    assert (gone.code, gone.param, gone.event_id) == ("missing_required_parameter", "item_id", "d2")
+    assert parse({"type": "output_audio_buffer.clear", "event_id": "c1"}) == OutputAudioClear("c1")
 
 
 def test_responses() -> None:
@@ -153,7 +160,7 @@ def test_responses() -> None:
 
 def test_unknown_unsupported_and_malformed() -> None:
     assert refused({"type": "nope", "event_id": "x"}).code == "invalid_event_type"
-    assert refused({"type": "conversation.item.delete", "item_id": "i"}).code == "unsupported_event"
+    assert refused({"type": "conversation.item.retrieve", "item_id": "i"}).code == "unsupported_event"
     assert refused({"event_id": "x"}).code == "missing_required_parameter"
     with pytest.raises(Invalid) as info:
         decode("{oops")

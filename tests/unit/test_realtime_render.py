@@ -108,3 +108,35 @@ def test_every_event_id_is_unique() -> None:
     events = [*r.opening(None), *r.audio_deltas(b"\x00" * 20000), r.text_delta("x", 1), *r.closing("completed")]
     ids = [e["event_id"] for e in events if e is not None]
     assert len(ids) == len(set(ids))
+
+
+def test_usage_counts_the_engine_s_figures() -> None:
+    r = response()
+    r.opening(None)
+    r.text_delta("Paris.", 2)
+    done = r.closing("completed")[-1]["response"]["usage"]
+    assert (done["input_tokens"], done["output_tokens"], done["total_tokens"]) == (0, 2, 2)  # none reported
+    r = response()
+    r.opening(None)
+    r.text_delta("Paris.", 2)
+    r.usage = {"input_tokens": 120, "cached_tokens": 100, "output_tokens": 3}
+    usage = r.closing("completed")[-1]["response"]["usage"]
+    assert (usage["input_tokens"], usage["output_tokens"], usage["total_tokens"]) == (120, 3, 123)
+    assert usage["input_token_details"]["cached_tokens"] == 100 and usage["input_token_details"]["text_tokens"] == 120
+    assert usage["input_token_details"]["cached_tokens_details"]["text_tokens"] == 100
+    assert usage["output_token_details"] == {"text_tokens": 3, "audio_tokens": 0}
+
+
+def test_rate_limits_are_the_server_s_own() -> None:
+    ev = R.rate_limits(R.Ids(), 256)
+    assert ev["type"] == "rate_limits.updated" and ev["event_id"].startswith("event_")
+    assert ev["rate_limits"] == [{"name": "requests", "limit": 1, "remaining": 0, "reset_seconds": 0.0},
+                                 {"name": "tokens", "limit": 256, "remaining": 256, "reset_seconds": 0.0}]
+
+
+def test_a_response_remembers_what_its_audio_said() -> None:
+    r = response()
+    r.opening(None)
+    r.audio_deltas(b"\x00" * 48000, "Hello there.", 1000.0)
+    r.audio_deltas(b"\x00" * 960, "", 20.0)
+    assert r.spoken == [("Hello there.", 1000.0), ("", 20.0)] and r.audio_ms == 1020.0

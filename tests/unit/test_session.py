@@ -213,3 +213,44 @@ def test_an_empty_text_answers_the_context_as_it_stands() -> None:
     s = Session(id=1)
     msgs = s.messages_for("", "sys", (("user", "hours?"), ("user", "(The tool returned: 9 to 5)")))
     assert msgs == [("system", "sys"), ("user", "hours?"), ("user", "(The tool returned: 9 to 5)")]
+
+
+def test_edit_message_rewrites_or_removes_one_exchange_s_message() -> None:
+    s = Session(id=1)
+    s.add_turn("q1", "a1", key="r1")
+    s.add_turn("q2", "a2", key="r2")
+    assert s.edit_message("r1", "assistant", "a1 cut")
+    assert s.edit_message("r2", "user", None)
+    assert s.history == [("user", "q1"), ("assistant", "a1 cut"), ("assistant", "a2")]
+    assert s.history_keys == ["r1", "r1", "r2"]
+    # Unknown key, a role the exchange does not hold (any more), no key: nothing changes.
+    assert not s.edit_message("r9", "user", "x") and not s.edit_message("r2", "user", "x")
+    assert not s.edit_message(None, "user", "x")
+    assert s.edit_message("r1", "user", "")  # "" removes, as None does
+    assert s.history == [("assistant", "a1 cut"), ("assistant", "a2")]
+
+
+def test_history_keys_follow_trims_rollbacks_and_resets() -> None:
+    s = Session(id=1, max_history_turns=2)
+    for i in range(3):
+        s.add_turn(f"q{i}", f"a{i}", key=i)
+    assert s.history_keys == [1, 1, 2, 2]
+    assert s.rollback() and s.history_keys == [1, 1] and s.history == [("user", "q1"), ("assistant", "a1")]
+    s.add_turn("q3", "", key=3)
+    assert s.history_keys == [1, 1, 3]
+    s.reset_history()
+    assert s.history_keys == []
+    s.history = [("user", "set by hand")]  # no keys for it: edits find nothing, appends stay in step
+    s.add_turn("q4", "a4", key=4)
+    assert s.history_keys == [None, 4, 4] and not s.edit_message(None, "user", "x")
+
+
+def test_an_answer_left_first_by_an_edit_stays_until_a_trim() -> None:
+    s = Session(id=1, max_history_turns=3)
+    s.add_turn("q1", "a1", key=1)
+    assert s.edit_message(1, "user", None)
+    s.add_turn("q2", "a2", key=2)
+    assert s.history == [("assistant", "a1"), ("user", "q2"), ("assistant", "a2")]
+    s.add_turn("q3", "a3", key=3)
+    s.add_turn("q4", "a4", key=4)  # a trim: the history opens with a question again
+    assert s.history[0] == ("user", "q2") and len(s.history) == 6

@@ -30,7 +30,7 @@ class FakeJob:
     def __init__(self, pieces: list[str], delay: float, fail: BaseException | None) -> None:
         self.pieces, self.delay, self.fail = pieces, delay, fail
         self.last_tokens = 1
-        self.stats: dict[str, Any] = {"tokens": len(pieces)}
+        self.stats: dict[str, Any] = {"tokens": len(pieces), "prompt_tokens": 42, "cached_tokens": 30}
         self.cancelled = False
         self.done = False
 
@@ -183,6 +183,29 @@ async def test_an_llm_request_streams_tokens_then_one_answer_and_is_remembered(r
     assert [type(e) for e, _ in rig.sink.events][-1] is Answer
     assert rig.session.history[-2:] == [("user", "What is the capital of France?"), ("assistant", answer.text)]
     assert not rig.sink.of(Speech)
+
+
+async def test_an_answer_tells_its_token_counts_and_its_exchange_is_keyed_by_its_request(rig: Rig) -> None:
+    turn = rig.call.start_turn("Hi", kind="llm_request", request_id="r7", speak=True, stream_tokens=True)
+    await rig.finish(turn)
+    (answer,) = rig.sink.of(Answer)
+    words = len(rig.engines.pool.answer.split(" "))
+    assert answer.usage == {"output_tokens": words, "input_tokens": 42, "cached_tokens": 30}
+    assert rig.session.history_keys == ["r7", "r7"]
+    assert rig.session.edit_message("r7", "assistant", "Paris.") and rig.session.history[-1] == ("assistant", "Paris.")
+    # Each chunk of speech says which sentence it is.
+    assert [s.text for s in rig.sink.of(Speech)] == ["Paris is the capital.", "It is in France."]
+
+
+async def test_a_cancelled_answer_is_remembered_under_its_request_id(rig: Rig) -> None:
+    rig.engines.pool.answer = "One. Two. Three. Four. Five. Six."
+    rig.engines.pool.delay = 0.02
+    turn = rig.call.start_turn("Count", kind="llm_request", request_id="r8", speak=False, stream_tokens=True)
+    await rig.until(lambda: len(rig.sink.of(Token)) >= 2)
+    rig.call.cancel_all()
+    assert turn.task is not None
+    await asyncio.gather(turn.task, return_exceptions=True)
+    assert rig.session.history_keys == ["r8", "r8"] and rig.session.history[-1][1].startswith("One.")
 
 
 async def test_a_voice_turn_speaks_sentence_by_sentence_and_ends_its_utterance(rig: Rig) -> None:

@@ -24,7 +24,7 @@ from . import probes
 from .config import ServerConfig
 from .drain import Drain, DrainPolicy, Leaving, StopRequests
 from .fronts.ava import AvaFront
-from .fronts.drainable import DrainableRealtimeFront
+from .fronts.realtime import RealtimeFront
 from .fronts.realtime_input import authorized, is_realtime_path, model_of, subprotocol
 from .heap import malloc_trim
 from .hub import Hub
@@ -263,8 +263,8 @@ class VoiceServer:
             path = ws.request.path if ws.request else "/"
             front: Front
             if is_realtime_path(path):  # checked at the handshake: authenticated already
-                front = DrainableRealtimeFront(self.hub, session, outbox, tasks, ws.close, remote=_remote(ws),
-                                               model=model_of(path))
+                front = RealtimeFront(self.hub, session, outbox, tasks, ws.close, remote=_remote(ws),
+                                      model=model_of(path))
                 call = WsCall(front, ws, "realtime")
             else:
                 # Every other path speaks AVA's protocol (its clients connect to "/" or to a path of their own).

@@ -120,6 +120,13 @@ class RealtimeFront:
             self._error(R.error(self.ids, "internal error while handling the event", code="internal",
                                 kind="server_error", client_event_id=event_id_of(obj) if obj else None))
 
+    def between_turns(self) -> bool:
+        """Idle (a draining server may close it): no response running or due, no output or audio held, all sent."""
+        r = self.responses
+        return (r.active is None and not r.fn.waiting and not r.fn.awaiting_output and not self._respond_after
+                and self._manual.seconds == 0 and self._vad_item is None and not self._awaiting
+                and self.call.between_turns() and self.out.idle)
+
     async def close(self) -> None:
         """The connection ended: end the call and everything it started."""
         self._closed = self.responses.closed = True

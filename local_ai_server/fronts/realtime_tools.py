@@ -173,6 +173,11 @@ class FunctionCalls:
         """Whether outputs wait for a response."""
         return bool(self._outputs)
 
+    @property
+    def awaiting_output(self) -> bool:
+        """Whether a call made waits for the client's output."""
+        return bool(self._open)
+
     def take(self, user_text: str) -> tuple[str, str]:
         """The next response's input with the outputs in it: (what the model is told, what the history keeps)."""
         outputs, self._outputs = self._outputs, []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,25 @@ async def test_requests_are_served_in_submission_order(make_pool: PoolFactory) -
     assert finished == [2, 3, 4]  # first in, first out
     assert all(j.stats["outcome"] == "completed" and j.stats["tokens"] == j.tokens for j in jobs)
     assert pool.counters["generations_completed"] == 3 and pool.snapshot()["busy"] == 0
+
+
+async def test_each_job_reports_how_long_it_waited_for_a_worker(make_pool: PoolFactory) -> None:
+    """The queue wait (las_queue_wait_seconds{stage="llm"}) runs from submission to the hand-over to a worker:
+    a job queued behind a running one waits at least until the moment it was last seen still queued."""
+    waits: list[float] = []
+    pool = await make_pool(on_event=lambda name, data: waits.append(data["seconds"]) if name == "queue_wait"
+                           else None)
+    running = pool.submit(SLOW, SAMPLING)
+    stream = running.stream()
+    await first_delta(stream)
+    queued = pool.submit(script(["waited"]), SAMPLING)
+    await asyncio.sleep(0.05)
+    assert queued.state == "queued"
+    still_queued_after = time.monotonic() - queued.submitted
+    assert len(waits) == 1  # the first job only, handed over at once
+    running.cancel()
+    assert await text_of(queued) == "waited"
+    assert len(waits) == 2 and waits[1] >= still_queued_after > 0
 
 
 async def test_a_full_queue_refuses_with_busy(make_pool: PoolFactory) -> None:

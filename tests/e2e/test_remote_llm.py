@@ -8,13 +8,8 @@ LOCAL_LLM_BACKEND=openai and no local GGUF. Barge-in is checked in the engine's 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,69 +18,21 @@ import numpy as np
 import pytest
 
 from local_ai_server.setup.selection import read_selection
+from tests.paths import REPO
 
-from .conftest import Client, ServerProc, connect, free_port, silence, start_server
+from .conftest import Client, ServerProc, connect, silence, start_server
 
 pytest.importorskip("fastapi", reason="llama-cpp-python's server needs the test extra (fastapi, uvicorn, ...)")
+sys.path.append(str(REPO / "bench"))  # the engine starter is shared with bench/capacity.py (appended: shadows nothing)
+from llama_engine import ALIAS, Engine  # noqa: E402
+from llama_engine import remote_env as engine_env  # noqa: E402
 
-ALIAS = "smol"
 # SmolLM2 at temperature 0 repeats a word for as long as it may: a long answer on demand (test_concurrency).
 LONG_PROMPT = "Repeat the word hello 500 times."
 LONG_CONTEXT = [{"role": "system", "content": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"}]
 # The issue asks for the error within 1 s; this shared 2-core machine is noisy, so the bound is generous
 # (the measured figure is printed with -s).
 KILL_ERROR_BOUND_S = 5.0
-
-
-class Engine:
-    """llama_cpp.server on one port, started, killed and restarted there (so our server's URL stays)."""
-
-    def __init__(self, model: Path, log_dir: Path, api_key: str | None = None) -> None:
-        self.model, self.port, self.api_key = model, free_port(), api_key
-        self.log_path = log_dir / f"engine-{self.port}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self, timeout: float = 60) -> None:
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model), "--host", "127.0.0.1",
-               "--port", str(self.port), "--n_threads", "1", "--n_ctx", "4096", "--model_alias", ALIAS,
-               # Else any second request (a voice turn's early guess) ends the answer streaming (README).
-               "--interrupt_requests", "False"]
-        if self.api_key:
-            cmd += ["--api_key", self.api_key]
-        with open(self.log_path, "ab") as fh:
-            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"engine exited:\n{self.log()[-2000:]}"
-            try:
-                headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-                with urllib.request.urlopen(urllib.request.Request(f"{self.url}/models", headers=headers),
-                                            timeout=1):
-                    return
-            except (OSError, urllib.error.URLError):
-                time.sleep(0.1)
-        raise AssertionError(f"engine not up in {timeout}s:\n{self.log()[-2000:]}")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +51,9 @@ def engine(gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Eng
 
 
 def remote_env(url: str, **extra: str) -> dict[str, str]:
-    """Our server on the remote backend; the local GGUF path points nowhere: none is needed."""
-    return {"LOCAL_LLM_BACKEND": "openai", "LOCAL_LLM_REMOTE_URL": url, "LOCAL_LLM_REMOTE_MODEL": ALIAS,
-            "LOCAL_LLM_REMOTE_PROBE_S": "0.5", "LOCAL_LLM_MODEL_PATH": "/nonexistent/none.gguf",
-            "LOCAL_LLM_MAX_TOKENS": "1500", "LOCAL_LLM_TEMPERATURE": "0", "LOCAL_LLM_REPEAT_PENALTY": "1.0",
-            **extra}
+    """Our server on the remote backend, probing it often, with long greedy answers on demand."""
+    return engine_env(url, **{"LOCAL_LLM_REMOTE_PROBE_S": "0.5", "LOCAL_LLM_MAX_TOKENS": "1500",
+                              "LOCAL_LLM_TEMPERATURE": "0", "LOCAL_LLM_REPEAT_PENALTY": "1.0", **extra})
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +102,7 @@ async def test_llm_request_is_streamed_from_the_remote_engine(server: ServerProc
     assert server.metric("las_llm_backend_requests_total", 'backend="openai",outcome="completed"') >= 1
     assert server.metric("las_llm_backend_first_token_seconds_count", 'backend="openai"') >= 1
     assert server.metric("las_llm_backend_up", 'backend="openai"') == 1
+    assert server.metric("las_queue_wait_seconds_count", 'stage="llm"') >= 1  # it waited for a slot
 
 
 async def test_full_mode_voice_turn_on_the_remote_engine(server: ServerProc,

@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
 
 import procs  # noqa: E402
 from caller import Limits, plan_callers, run_caller  # noqa: E402
-from capacity_decode import remote_decode_pairs  # noqa: E402
+from capacity_decode import DECODE_SERVER_ENV, remote_decode_pairs  # noqa: E402
 from capacity_report import (  # noqa: E402
     P95_GOAL_MS,
     calls_per_box,
@@ -59,7 +59,7 @@ from phase_llm import wait_pool_idle  # noqa: E402
 from report import json_safe, machine_info  # noqa: E402
 from speech import Client, synthesize  # noqa: E402
 from stats import progress, rnd  # noqa: E402
-from workload import LONG_ENV, QUESTIONS, STT_SENTENCES  # noqa: E402
+from workload import QUESTIONS, STT_SENTENCES  # noqa: E402
 
 from local_ai_server.config import cpu_count, thread_budget  # noqa: E402
 from local_ai_server.harness import ServerProc, parse_metrics  # noqa: E402
@@ -197,10 +197,11 @@ async def benchmark(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             await run_backend(name, srv, speech, args, engine.pid if engine else None, res)
             if engine is not None and args.decode_pairs > 0:
                 await asyncio.to_thread(srv.stop, 20, reap=True)
-                srv = await asyncio.to_thread(procs.start_server, "cap-decode", tmp, remote_env(engine.url, **LONG_ENV))
+                srv = await asyncio.to_thread(procs.start_server, "cap-decode", tmp,
+                                              remote_env(engine.url, **DECODE_SERVER_ENV))
                 top_p = float(res["backends"][name]["server"]["llm"].get("config", {}).get("top_p") or 0.9)
                 progress(f"remote decode rate: {args.decode_pairs} alternating pairs of {args.decode_tokens} tokens")
-                res["remote_decode"] = await remote_decode_pairs(srv.url, engine.url, ALIAS, engine.pid, threads,
+                res["remote_decode"] = await remote_decode_pairs(srv, engine.url, ALIAS, engine.pid, threads,
                                                                  args.decode_pairs, args.decode_tokens, top_p)
         except Exception as exc:  # noqa: BLE001 - one backend failing must not lose the other's figures
             msg = f"{name}: {type(exc).__name__}: {exc}"[:2000]

@@ -24,6 +24,8 @@ from procs import CLEAN_EXTERNAL_CORES, with_cpu_share  # noqa: E402
 from stats import pct, progress, rnd  # noqa: E402
 from workload import LONG_ENV, LONG_SYSTEM, PAIR_REST_S  # noqa: E402
 
+from local_ai_server.harness import ServerProc  # noqa: E402
+
 GOAL_RATIO = 0.95
 # Not workload.LONG_PROMPT: our server sends no repeat_penalty when it is the neutral 1.0 (the OpenAI API has
 # none), so llama-cpp-python's server applies its own default, 1.1, under which SmolLM2 stops "hello" after
@@ -57,9 +59,16 @@ async def direct_decode_rate(url: str, model: str, cap: int, sampling: dict[str,
     return {"tokens": n, "tok_s": rnd(rate, 2), "seconds": rnd(times[-1] - times[0] if n > 1 else None, 2)}
 
 
-async def remote_decode_pairs(server_url: str, engine_url: str, model: str, engine_pid: int | None, threads: int,
+# For the server of the decode pairs: no health probe after the first. llama-cpp-python's server answers
+# GET /models only between generations, so a probe during the direct client's generation times out (5 s) and
+# our server would call the engine down and refuse the next run with not_ready.
+DECODE_SERVER_ENV = {**LONG_ENV, "LOCAL_LLM_REMOTE_PROBE_S": "3600"}
+
+
+async def remote_decode_pairs(srv: ServerProc, engine_url: str, model: str, engine_pid: int | None, threads: int,
                               pairs: int, cap: int, top_p: float) -> dict[str, Any]:
-    """`pairs` alternating runs (direct first in even pairs); the server must run with LONG_ENV's settings."""
+    """`pairs` alternating runs (direct first in even pairs); `srv` runs with DECODE_SERVER_ENV."""
+    server_url = srv.url
     sampling = {"max_tokens": LONG_ENV["LOCAL_LLM_MAX_TOKENS"], "temperature": LONG_ENV["LOCAL_LLM_TEMPERATURE"],
                 "top_p": top_p}
     runs: list[dict[str, Any]] = []
@@ -70,6 +79,7 @@ async def remote_decode_pairs(server_url: str, engine_url: str, model: str, engi
         return await with_cpu_share(engine_pid, threads, direct_decode_rate(engine_url, model, cap, sampling))
 
     async def ours(i: int) -> dict[str, Any]:
+        await asyncio.to_thread(srv.wait_ready, 60)  # the backend is up as our server sees it
         await wait_pool_idle(server_url)
         await asyncio.sleep(PAIR_REST_S)
         run = server_decode_rate(server_url, cap, f"remote-{i}", STORY_PROMPT)

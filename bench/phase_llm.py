@@ -70,8 +70,8 @@ def _reply_to(rid: str) -> Callable[[dict[str, Any]], bool]:
     return lambda m: m.get("request_id") == rid and m.get("type") in ("llm_response", "error")
 
 
-def long_request(rid: str, call_id: str) -> dict[str, Any]:
-    return {"type": "llm_request", "text": LONG_PROMPT, "context": LONG_CONTEXT, "stream": True,
+def long_request(rid: str, call_id: str, text: str = LONG_PROMPT) -> dict[str, Any]:
+    return {"type": "llm_request", "text": text, "context": LONG_CONTEXT, "stream": True,
             "request_id": rid, "call_id": call_id}
 
 
@@ -148,12 +148,12 @@ async def tts_round_trips(url: str, n: int, tag: str) -> dict[str, Any]:
     return {"tts_ms": summary(out), "errors": errors}
 
 
-async def server_decode_rate(url: str, cap: int, tag: str) -> dict[str, Any]:
+async def server_decode_rate(url: str, cap: int, tag: str, prompt: str = LONG_PROMPT) -> dict[str, Any]:
     """Decode tok/s through the server: llm_token messages, first to last, on an idle server."""
     c = await Client.connect(url)
     try:
         rid = f"rate-{tag}"
-        await c.send(long_request(rid, f"rate-{tag}"))
+        await c.send(long_request(rid, f"rate-{tag}", prompt))
         count = 0
         first_n = 1
         first = last = None

@@ -48,7 +48,7 @@ def cpu_seconds(pid: int) -> float | None:
 _SERVERS: list[Server] = []
 
 
-_CHILDREN: list[subprocess.Popen[str]] = []  # other subprocesses in flight (bare llama-cpp-python runs)
+_CHILDREN: list[subprocess.Popen[Any]] = []  # other subprocesses in flight (bare llama-cpp-python runs)
 
 
 def interrupt_children() -> None:
@@ -125,3 +125,50 @@ async def with_cpu_share(pid: int | None, threads: int, aw: Awaitable[dict[str, 
     out["external_cores"] = (rnd(max(0.0, (sys1 - sys0 - own) / wall), 2)
                              if sys0 is not None and sys1 is not None and wall > 0 else None)
     return out
+
+
+def split_cores(own0: dict[int, float], own1: dict[int, float], groups: dict[str, set[int]],
+                busy_s: float | None, wall_s: float) -> dict[str, float | None]:
+    """Cores each group of processes used over a window (CPU seconds from two `own_tree_seconds` snapshots).
+
+    `groups` maps a name to its pids; what the rest of the benchmark's tree used is `other_own`, and `outside`
+    is what processes outside the benchmark used (`busy_s`: all cores' busy seconds over the window).
+    """
+    if wall_s <= 0:
+        return {k: None for k in [*groups, "other_own", "outside"]}
+    used = {pid: max(0.0, v - own0.get(pid, 0.0)) for pid, v in own1.items()}
+    out: dict[str, float | None] = {}
+    claimed: set[int] = set()
+    for name, pids in groups.items():
+        out[name] = round(sum(used.get(p, 0.0) for p in pids - claimed) / wall_s, 3)
+        claimed |= pids
+    out["other_own"] = round(sum(v for p, v in used.items() if p not in claimed) / wall_s, 3)
+    out["outside"] = None if busy_s is None else round(max(0.0, busy_s - sum(used.values())) / wall_s, 3)
+    return out
+
+
+class CpuWindow:
+    """Cores used between start() and stop(): the server's main process, its children (LLM workers), an engine,
+    this client process, the rest of the benchmark, and processes outside it."""
+
+    def __init__(self, server_pid: int, engine_pid: int | None = None) -> None:
+        self.server_pid, self.engine_pid = server_pid, engine_pid
+        self._t0 = 0.0
+        self._sys0: float | None = None
+        self._own0: dict[int, float] = {}
+
+    def start(self) -> None:
+        self._t0, self._sys0, self._own0 = time.perf_counter(), system_busy_seconds(), own_tree_seconds()
+
+    def stop(self) -> dict[str, float | None]:
+        wall = time.perf_counter() - self._t0
+        sys1, own1 = system_busy_seconds(), own_tree_seconds()
+        engine = {self.engine_pid, *descendants(self.engine_pid)} if self.engine_pid else set()
+        groups = {"server_main": {self.server_pid}, "llm_workers": set(descendants(self.server_pid)),
+                  "engine": engine, "client": {os.getpid()}}
+        busy = None if sys1 is None or self._sys0 is None else sys1 - self._sys0
+        out = split_cores(self._own0, own1, groups, busy, wall)
+        if not self.engine_pid:
+            out["engine"] = None
+        out["wall_s"] = round(wall, 1)
+        return out

@@ -44,22 +44,38 @@ def summary(values: list[float], digits: int = 1) -> dict[str, Any]:
             "n": len(values)}
 
 
-def histogram_buckets(metrics: dict[str, float], name: str) -> list[tuple[float, float]]:
-    """[(le, cumulative count)] of one unlabelled histogram, sorted by le."""
+def sample_labels(key: str) -> tuple[str, dict[str, str]]:
+    """'name{a="x",b="y"}' -> ('name', {'a': 'x', 'b': 'y'}) (label values hold no quotes or commas here)."""
+    name, _, rest = key.partition("{")
+    labels = {}
+    for part in rest.rstrip("}").split(","):
+        k, eq, v = part.partition("=")
+        if eq:
+            labels[k.strip()] = v.strip().strip('"')
+    return name, labels
+
+
+def histogram_buckets(metrics: dict[str, float], name: str,
+                      labels: dict[str, str] | None = None) -> list[tuple[float, float]]:
+    """[(le, cumulative count)] of one histogram (the child with `labels`, if given), sorted by le."""
     out = []
-    prefix = f'{name}_bucket{{le="'
+    want = labels or {}
     for key, value in metrics.items():
-        if key.startswith(prefix):
-            le = key[len(prefix):].split('"', 1)[0]
-            out.append((math.inf if le == "+Inf" else float(le), value))
+        if not key.startswith(f"{name}_bucket{{"):
+            continue
+        _, got = sample_labels(key)
+        le = got.pop("le", None)
+        if le is None or got != want:
+            continue
+        out.append((math.inf if le == "+Inf" else float(le), value))
     return sorted(out)
 
 
 def histogram_quantile(before: dict[str, float], after: dict[str, float], name: str,
-                       q: float) -> dict[str, Any]:
+                       q: float, labels: dict[str, str] | None = None) -> dict[str, Any]:
     """The q-quantile of the observations between two scrapes: bucket upper bound and interpolation."""
-    b = dict(histogram_buckets(before, name))
-    a = histogram_buckets(after, name)
+    b = dict(histogram_buckets(before, name, labels))
+    a = histogram_buckets(after, name, labels)
     deltas = [(le, cum - b.get(le, 0.0)) for le, cum in a]
     total = deltas[-1][1] if deltas else 0.0
     if total <= 0:

@@ -203,6 +203,7 @@ class RemoteLlm:
         try:
             async with self._slots:
                 job.state = "running"
+                self._on_event("queue_wait", {"seconds": time.monotonic() - t0})
                 self._emit()
                 await self._generate(job, t0)
         except asyncio.CancelledError:

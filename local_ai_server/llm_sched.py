@@ -170,6 +170,7 @@ class Scheduler:
                 continue
             job = self._queue.popleft()
             job.state, job.worker, w.job = "running", w, job
+            self._on_event("queue_wait", {"seconds": time.monotonic() - job.submitted})
             self._send(w, ("gen", job.id, job.messages, job.sampling))
             if self.infer_timeout_s > 0:
                 job.timer = self._loop.call_later(self.infer_timeout_s, self._on_timeout, job)

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 _LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 _RATE_BUCKETS = (5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
 _LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+# Waits for a free executor thread or LLM slot: ~0 on an idle server, seconds when the box is full.
+_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 class Metrics:
@@ -55,6 +57,11 @@ class Metrics:
         self.backend_up = Gauge("las_llm_backend_up", "1 while the LLM backend is ready", ["backend"], registry=r)
         self.audio_dropped = Counter("las_audio_frames_dropped", "Inbound audio frames dropped (queue full)",
                                      registry=r)
+        self.queue_wait = Histogram("las_queue_wait_seconds", "Time work waited for its stage to take it: an STT "
+                                    "or TTS thread, an LLM worker or remote slot", ["stage"],
+                                    buckets=_WAIT_BUCKETS, registry=r)
+        for stage in ("stt", "llm", "tts"):
+            self.queue_wait.labels(stage)  # exported (at zero) before the first wait
 
     def on_pool_event(self, name: str, data: dict[str, Any]) -> None:
         """Hook the LLM pool calls on state changes."""
@@ -69,6 +76,8 @@ class Metrics:
             self._backend_generation(data)
         elif name == "worker_restart":
             self.worker_restarts.inc()
+        elif name == "queue_wait":
+            self.queue_wait.labels("llm").observe(data["seconds"])
 
     def _backend_generation(self, data: dict[str, Any]) -> None:
         backend, outcome = data.get("backend", "local"), data["outcome"]

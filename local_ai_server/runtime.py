@@ -328,11 +328,22 @@ class Engines:
         t0 = time.perf_counter()
         self.stt_inflight += 1
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self.stt_exec, stt.transcribe, audio)
+            result = await asyncio.get_running_loop().run_in_executor(
+                self.stt_exec, self._waited("stt", stt.transcribe, audio))
         finally:
             self.stt_inflight -= 1
         self.metrics.stt_seconds.labels(kind).observe(time.perf_counter() - t0)
         return result
+
+    def _waited(self, stage: str, fn: Callable[..., T], *args: Any) -> Callable[[], T]:
+        """`fn(*args)` for an executor, observing how long it waited there for a free thread of `stage`."""
+        queued = time.perf_counter()
+
+        def run() -> T:
+            self.metrics.queue_wait.labels(stage).observe(time.perf_counter() - queued)  # thread-safe
+            return fn(*args)
+
+        return run
 
     async def synthesize(self, text: str) -> tuple[np.ndarray, int]:
         """Synthesize on the TTS threads: (float32 audio, sample rate)."""
@@ -340,7 +351,8 @@ class Engines:
         if tts is None:
             raise NotReady(self.tts_state.error or "TTS is not ready")
         t0 = time.perf_counter()
-        audio = await asyncio.get_running_loop().run_in_executor(self.tts_exec, tts.synthesize_all, text)
+        audio = await asyncio.get_running_loop().run_in_executor(
+            self.tts_exec, self._waited("tts", tts.synthesize_all, text))
         self.metrics.tts_seconds.observe(time.perf_counter() - t0)
         return audio, tts.sample_rate
 

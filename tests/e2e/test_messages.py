@@ -199,7 +199,9 @@ async def test_http_endpoints(server: ServerProc) -> None:
     text = body.decode()
     assert status == 200
     for name in ("las_sessions", "las_llm_pool_busy", "las_llm_pool_queued", "las_llm_pool_workers",
-                 "las_errors_total", "las_turn_stage_seconds", "las_event_loop_lag_seconds_bucket"):
+                 "las_errors_total", "las_turn_stage_seconds", "las_event_loop_lag_seconds_bucket",
+                 'las_queue_wait_seconds_count{stage="stt"}', 'las_queue_wait_seconds_count{stage="llm"}',
+                 'las_queue_wait_seconds_count{stage="tts"}'):
         assert name in text, name
     status, body = await asyncio.to_thread(server.http, "/nope")
     assert status == 404 and json.loads(body)["endpoints"][0] == "/"

@@ -96,6 +96,7 @@ async def test_llm_request_is_streamed_from_the_remote_engine(server: ServerProc
     assert server.metric("las_llm_backend_requests_total", 'backend="openai",outcome="completed"') >= 1
     assert server.metric("las_llm_backend_first_token_seconds_count", 'backend="openai"') >= 1
     assert server.metric("las_llm_backend_up", 'backend="openai"') == 1
+    assert server.metric("las_queue_wait_seconds_count", 'stage="llm"') >= 1  # it waited for a slot
 
 
 async def test_full_mode_voice_turn_on_the_remote_engine(server: ServerProc,

@@ -134,6 +134,27 @@ async def test_full_mode_turn(client_factory: Callable[..., Any], speak: Callabl
     assert final_index < first_binary < response_index
 
 
+async def test_a_turn_reports_the_wait_of_each_stage(client_factory: Callable[..., Any], server: ServerProc,
+                                                    speak: Callable[[str], np.ndarray]) -> None:
+    """las_queue_wait_seconds{stage}: a full turn waits for an STT thread, an LLM worker and a TTS thread (the
+    time queued there is what bench/capacity.py reads back under load); each wait is counted once it ends."""
+    def waits() -> dict[str, tuple[float, float]]:
+        return {s: (server.metric("las_queue_wait_seconds_count", f'stage="{s}"'),
+                    server.metric("las_queue_wait_seconds_sum", f'stage="{s}"')) for s in ("stt", "llm", "tts")}
+
+    before = waits()
+    c = await client_factory()
+    await c.request({"type": "set_mode", "mode": "full", "call_id": "waits"}, "mode_ready")
+    await c.stream(np.concatenate([silence(0.3), speak("What is the capital of France?"), silence(1.0)]),
+                   frame_ms=20)
+    await c.wait_type("llm_response", timeout=60)
+    assert c.got.binaries(), "no audio was spoken"
+    after = waits()
+    for stage in ("stt", "llm", "tts"):
+        assert after[stage][0] >= before[stage][0] + 1, (stage, before, after)
+        assert after[stage][1] >= before[stage][1], (stage, before, after)
+
+
 async def test_barge_in_stops_the_answer(client_factory: Callable[..., Any],
                                          speak: Callable[[str], np.ndarray]) -> None:
     c = await client_factory()

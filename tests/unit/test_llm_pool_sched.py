@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,25 @@ async def test_the_engine_s_prompt_token_count_comes_with_the_end(make_pool: Poo
     job = pool.submit(messages, SAMPLING)
     assert await text_of(job) == "ab"
     assert job.stats["prompt_tokens"] == len(messages[0][1]) and job.stats["cached_tokens"] == 0
+
+
+async def test_each_job_reports_how_long_it_waited_for_a_worker(make_pool: PoolFactory) -> None:
+    """The queue wait (las_queue_wait_seconds{stage="llm"}) runs from submission to the hand-over to a worker:
+    a job queued behind a running one waits at least until the moment it was last seen still queued."""
+    waits: list[float] = []
+    pool = await make_pool(on_event=lambda name, data: waits.append(data["seconds"]) if name == "queue_wait"
+                           else None)
+    running = pool.submit(SLOW, SAMPLING)
+    stream = running.stream()
+    await first_delta(stream)
+    queued = pool.submit(script(["waited"]), SAMPLING)
+    await asyncio.sleep(0.05)
+    assert queued.state == "queued"
+    still_queued_after = time.monotonic() - queued.submitted
+    assert len(waits) == 1  # the first job only, handed over at once
+    running.cancel()
+    assert await text_of(queued) == "waited"
+    assert len(waits) == 2 and waits[1] >= still_queued_after > 0
 
 
 async def test_a_full_queue_refuses_with_busy(make_pool: PoolFactory) -> None:

@@ -110,7 +110,9 @@ async def test_unknown_model_and_an_unreachable_backend() -> None:
 
 
 async def test_queue_bound_and_cancel_of_a_queued_job() -> None:
-    llm = RemoteLlm("http://127.0.0.1:9/v1", None, "m", concurrency=1, max_queue=1, first_token_timeout_s=30)
+    waits: list[float] = []
+    llm = RemoteLlm("http://127.0.0.1:9/v1", None, "m", concurrency=1, max_queue=1, first_token_timeout_s=30,
+                    on_event=lambda name, data: waits.append(data["seconds"]) if name == "queue_wait" else None)
     llm.state = "ready"  # as if probed: the requests themselves retry the refused connection
     running = llm.submit([("user", "a")], SAMPLING)
     queued = llm.submit([("user", "b")], SAMPLING)
@@ -118,6 +120,7 @@ async def test_queue_bound_and_cancel_of_a_queued_job() -> None:
         llm.submit([("user", "c")], SAMPLING)
     await asyncio.sleep(0.05)
     assert llm.snapshot()["busy"] == 1 and llm.snapshot()["queued"] == 1
+    assert len(waits) == 1 and waits[0] >= 0  # the running job got its slot; the queued one waits on
     queued.cancel()
     with pytest.raises(Cancelled):
         async for _ in queued.stream():
@@ -125,6 +128,7 @@ async def test_queue_bound_and_cancel_of_a_queued_job() -> None:
     running.cancel()
     await llm.close()
     assert llm.counters["generations_cancelled"] == 2
+    assert len(waits) == 1  # a job cancelled while queued never got a slot
 
 
 def test_remote_settings_are_validated_and_the_key_is_never_shown(tmp_path: Path) -> None:

@@ -256,11 +256,10 @@ class RemoteLlm:
         Only before any token (nothing was said yet), and within the first-token deadline around it.
         """
         s = job.sampling
-        extra: dict[str, Any] = {}
-        if s.repeat_penalty != 1.0:
-            # llama.cpp's own multiplicative penalty (llama-server, llama-cpp-python accept it): OpenAI's
-            # additive frequency_penalty is a different curve, so it is not faked with it.
-            extra["repeat_penalty"] = s.repeat_penalty
+        # llama.cpp's own multiplicative penalty (llama-server, llama-cpp-python accept it; vLLM and Ollama
+        # ignore it), sent even at 1.0: llama-cpp-python's server would otherwise apply its own 1.1. OpenAI's
+        # additive frequency_penalty is a different curve, so it is not faked with it.
+        extra: dict[str, Any] = {"repeat_penalty": s.repeat_penalty}
         kwargs: dict[str, Any] = {}
         if s.json_schema is not None:
             # A tool decision held to the schema: llama-server and llama-cpp-python's json_object + schema.

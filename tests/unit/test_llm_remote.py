@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -144,3 +146,35 @@ def test_remote_settings_are_validated_and_the_key_is_never_shown(tmp_path: Path
     assert cfg.llm.remote_api_key == "sk-x" and "sk-x" not in repr(cfg)
     with pytest.raises(ConfigError, match="LOCAL_LLM_BACKEND"):
         from_env({"LOCAL_LLM_BACKEND": "vllm"}, models_dir=tmp_path)
+
+
+async def test_the_repeat_penalty_is_sent_even_at_one() -> None:
+    """llama-cpp-python's server applies its own 1.1 when none is sent: 1.0 (no penalty) must travel too."""
+    bodies: list[dict[str, object]] = []
+    body = sse(CHUNK % "Hi.")
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        length = next((int(line.split(":")[1]) for line in head.split("\r\n")
+                       if line.lower().startswith("content-length:")), 0)
+        raw = await reader.readexactly(length)
+        models = head.split(" ")[1].endswith("/models")
+        if not models:
+            bodies.append(json.loads(raw))
+        reply, ctype = (MODELS, "application/json") if models else (body, "text/event-stream")
+        writer.write(f"HTTP/1.1 200 X\r\ncontent-type: {ctype}\r\ncontent-length: {len(reply)}\r\n"
+                     "connection: close\r\n\r\n".encode() + reply)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    llm = RemoteLlm(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", None, "m", probe_interval_s=60)
+    try:
+        await llm.start()
+        for penalty in (1.0, 1.3):
+            job = llm.submit([("user", "hi")], dataclasses.replace(SAMPLING, repeat_penalty=penalty))
+            assert "".join([d async for d in job.stream()]) == "Hi."
+    finally:
+        await llm.close()
+        server.close()
+    assert [b.get("repeat_penalty") for b in bodies] == [1.0, 1.3]

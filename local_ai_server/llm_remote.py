@@ -32,6 +32,10 @@ BACKEND = "openai"
 # Re-probe after a failure at this pace first, doubling up to the regular interval.
 PROBE_BACKOFF_S = 0.25
 RETRY_BACKOFF_S = 0.1  # a new request's first retry of a refused connection; doubles, at most 1 s
+# A probe that times out finds the engine busy, not gone (llama-cpp-python's server answers GET /models only
+# between generations, so another instance's answers hold it): it stays ready while answers still come from
+# it, or for this many slow probes in a row.
+SLOW_PROBES_DOWN = 3
 RETRY_STATUS = (502, 503, 504)  # a proxy or an engine still loading: worth another try before the first token
 
 
@@ -110,6 +114,9 @@ class RemoteLlm:
         self._jobs: set[RemoteJob] = set()
         self._kick = asyncio.Event()  # a request failed: probe now, even while others stream
         self._kicked = False
+        self._slow_probes = 0  # probes in a row that timed out with no answer from the engine between them
+        self._answers_seen = 0  # first tokens received: the engine works, whatever a slow probe says
+        self._answers_at_probe = 0
         self.tasks = TaskOwner("llm-remote")
 
     # ------------------------------------------------------------------ health
@@ -143,9 +150,19 @@ class RemoteLlm:
     async def check(self) -> None:
         """One probe of `GET {url}/models`: ready, down (unreachable, HTTP errors) or failed (key, model)."""
         where = f"remote backend {self.url}"
+        answers, self._answers_at_probe = self._answers_seen - self._answers_at_probe, self._answers_seen
         try:
             page = await self._client.models.list(timeout=min(self.first_token_timeout_s, 5.0))
             ids = [m.id for m in page.data]
+        except openai.APITimeoutError:
+            # Answers since the last probe prove the engine works: only silence in a row counts.
+            self._slow_probes = 0 if answers > 0 else self._slow_probes + 1
+            busy = self.state == "ready" and self._slow_probes < SLOW_PROBES_DOWN
+            log.warning("llm.remote_probe_slow", url=self.url, in_a_row=self._slow_probes, answers_since=answers,
+                        still_ready=busy)
+            if not busy:
+                self._set("down", f"{where} did not answer GET /models in time ({self._slow_probes} times)")
+            return
         except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
             self._set("failed", f"{where} rejected the API key (HTTP {exc.status_code})")
         except openai.APIStatusError as exc:
@@ -161,6 +178,7 @@ class RemoteLlm:
             elif not ids and not self.model:
                 self._set("failed", f"{where} lists no model; set LOCAL_LLM_REMOTE_MODEL")
             else:
+                self._slow_probes = 0
                 self.served_model = self.model or ids[0]
                 self.info = {"name": self.served_model, "backend": BACKEND, "url": self.url}
                 self._set("ready", None)
@@ -230,6 +248,7 @@ class RemoteLlm:
                         if not delta:
                             continue
                         if job.tokens == 0:
+                            self._answers_seen += 1
                             job.stats["first_token_ms"] = round((time.monotonic() - t0) * 1000, 1)
                             deadline.reschedule(end)
                             phase = "answer"

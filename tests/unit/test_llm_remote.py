@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable
@@ -178,3 +179,50 @@ async def test_the_repeat_penalty_is_sent_even_at_one() -> None:
         await llm.close()
         server.close()
     assert [b.get("repeat_penalty") for b in bodies] == [1.0, 1.3]
+
+
+async def test_a_slow_probe_finds_the_engine_busy_until_it_stays_silent() -> None:
+    """GET /models timing out (the engine busy with another instance's answers) keeps the backend ready while
+    answers still come from it; three slow probes in a row with no answer mark it down; a fast one recovers."""
+    slow = asyncio.Event()
+    body = sse(CHUNK % "Hi.")
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        length = next((int(line.split(":")[1]) for line in head.split("\r\n")
+                       if line.lower().startswith("content-length:")), 0)
+        await reader.readexactly(length)
+        models = head.split(" ")[1].endswith("/models")
+        if models and slow.is_set():
+            await asyncio.sleep(2)  # past the probe's timeout
+        reply, ctype = (MODELS, "application/json") if models else (body, "text/event-stream")
+        writer.write(f"HTTP/1.1 200 X\r\ncontent-type: {ctype}\r\ncontent-length: {len(reply)}\r\n"
+                     "connection: close\r\n\r\n".encode() + reply)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    llm = RemoteLlm(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", None, "m",
+                    first_token_timeout_s=0.3, probe_interval_s=600)
+    try:
+        await llm.start()
+        assert llm.state == "ready"
+        slow.set()
+        for _ in range(4):  # answers keep coming: busy, not down
+            job = llm.submit([("user", "hi")], SAMPLING)
+            assert "".join([d async for d in job.stream()]) == "Hi."
+            await llm.check()
+            assert llm.state == "ready"
+        states = []
+        for _ in range(3):  # no answer in between
+            await llm.check()
+            states.append(llm.state)
+        assert states == ["ready", "ready", "down"]
+        assert llm.error is not None and "did not answer GET /models in time" in llm.error
+        slow.clear()
+        await llm.check()
+        assert llm.state == "ready"
+    finally:
+        await llm.close()
+        server.close()

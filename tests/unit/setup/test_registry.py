@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from local_ai_server.setup.registry import (
+    OPTIONAL_ROLES,
     ROLES,
     ModelFile,
     PypiWheelSource,
@@ -48,7 +49,9 @@ def test_real_registry_tiers_reference_existing_models_of_the_right_role(real: R
     assert "embedded" in real.tiers
     for tier in real.tiers.values():
         assert tier.description
-        assert set(tier.models) == set(ROLES)
+        assert set(ROLES) <= set(tier.models) <= set(ROLES + OPTIONAL_ROLES)
+        # Every tier ships the turn detector: semantic turn detection works whichever tier is installed.
+        assert tier.models.get("turn") == "smart-turn-v3.2-cpu"
         for role, model_id in tier.models.items():
             assert real.models[model_id].role == role
 
@@ -82,6 +85,7 @@ def test_embedded_tier_layout(real: Registry) -> None:
     assert models["stt"].dest == "stt/whisper-tiny.en"
     assert models["llm"].dest == "llm/SmolLM2-135M-Instruct.Q4_1.gguf"
     assert models["tts"].dest == "tts/en_US-joe-medium.onnx"
+    assert models["turn"].dest == "turn/smart-turn-v3.2-cpu.onnx"
     assert [f.path for f in real.tier_files("embedded")] == [
         "stt/whisper-tiny.en/model.bin",
         "stt/whisper-tiny.en/config.json",
@@ -90,6 +94,7 @@ def test_embedded_tier_layout(real: Registry) -> None:
         "llm/SmolLM2-135M-Instruct.Q4_1.gguf",
         "tts/en_US-joe-medium.onnx",
         "tts/en_US-joe-medium.onnx.json",
+        "turn/smart-turn-v3.2-cpu.onnx",
     ]
     assert models["tts"].sample_rate_hz == 22050
     assert models["llm"].chat_format == "gguf-template"

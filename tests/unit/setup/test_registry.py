@@ -99,7 +99,7 @@ def test_embedded_tier_layout(real: Registry) -> None:
     assert models["tts"].sample_rate_hz == 22050
     assert models["llm"].chat_format == "gguf-template"
     assert models["llm"].quantization == "Q4_1"
-    assert sum(m.size_bytes for m in models.values()) == 239_659_114
+    assert sum(m.size_bytes for m in models.values()) == 248_338_296
     assert real.tier("embedded").requirements["min_ram_gb"] > 0
 
 

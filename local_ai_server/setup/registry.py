@@ -14,8 +14,8 @@ from typing import Any
 
 from local_ai_server.setup.registry_model import (
     HF_RESOLVE_RE,
-    RESERVED_PATHS,
     OPTIONAL_ROLES,
+    RESERVED_PATHS,
     ROLES,
     SHA256_RE,
     VERIFY_HF_LFS,
@@ -34,7 +34,8 @@ from local_ai_server.setup.registry_model import (
 
 # The registry's names, with those of its data model that callers import from here.
 __all__ = [
-    "HF_RESOLVE_RE", "OPTIONAL_ROLES", "RESERVED_PATHS", "ROLES", "SCHEMA_VERSION", "VERIFY_HF_LFS", "VERIFY_KINDS", "VERIFY_PINNED",
+    "HF_RESOLVE_RE", "OPTIONAL_ROLES", "RESERVED_PATHS", "ROLES", "SCHEMA_VERSION", "VERIFY_HF_LFS", "VERIFY_KINDS",
+    "VERIFY_PINNED",
     "Model", "ModelFile", "PypiWheelSource", "Registry", "RegistryError", "SetupError", "Source", "Tier", "UrlSource",
     "load_registry", "parse_registry",
 ]

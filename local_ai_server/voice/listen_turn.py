@@ -50,6 +50,12 @@ class TurnEnding:
         ts = turn_settings(self.session, self.cfg)
         return ts if not ts.smart or self.engines.turn_available() else replace(ts, mode="vad")
 
+    def turn_echo(self) -> dict[str, Any]:
+        """The effective turn settings, as mode_ready echoes them ("vad" when smart was asked without a detector)."""
+        ts = self.turn_settings()
+        return {"turn_detection": ts.mode, "turn_threshold": ts.threshold, "turn_short_ms": ts.short_ms,
+                "turn_long_ms": ts.long_ms}
+
     def _maybe_score_turn(self, mode: str, rid: RequestId) -> None:
         """At a short pause (smart turns), ask the detector whether the caller finished."""
         seg = self._segmenter

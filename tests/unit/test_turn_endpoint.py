@@ -101,7 +101,7 @@ async def test_vad_mode_and_a_missing_detector_end_on_silence_alone() -> None:
         try:
             # 600 ms > the 500 ms VAD silence: ended although the (never asked) detector would say incomplete.
             await _speak(r, tone(0.3, 0), tone(1.0), tone(0.6, 0))
-            await r.until(lambda: r.sink.of(Answer))
+            await r.until(lambda rig=r: rig.sink.of(Answer))
             assert r.engines.scored == [] and len(_finals(r)) == 1
         finally:
             await r.call.close()
@@ -139,3 +139,19 @@ async def test_the_early_answer_is_dropped_when_incomplete() -> None:
         assert not r.engines.pool.jobs[-1].cancelled
     finally:
         await r.call.close()
+
+
+def test_set_mode_carries_the_turn_settings_and_refuses_bad_ones() -> None:
+    import pytest
+
+    from local_ai_server.errors import InvalidField
+    from local_ai_server.protocol import SetMode, parse_object
+
+    msg = parse_object({"type": "set_mode", "turn_detection": "Smart", "turn_threshold": 0.6,
+                        "turn_short_ms": 250, "turn_long_ms": 1200})
+    assert isinstance(msg, SetMode)
+    assert (msg.turn_detection, msg.turn_threshold, msg.turn_short_ms, msg.turn_long_ms) == ("smart", 0.6, 250, 1200)
+    for bad in ({"turn_detection": "semantic"}, {"turn_threshold": 2}, {"turn_threshold": "0.5"},
+                {"turn_short_ms": 10}):
+        with pytest.raises(InvalidField):
+            parse_object({"type": "set_mode", **bad})

@@ -155,3 +155,24 @@ def test_set_mode_carries_the_turn_settings_and_refuses_bad_ones() -> None:
                 {"turn_short_ms": 10}):
         with pytest.raises(InvalidField):
             parse_object({"type": "set_mode", **bad})
+
+
+def test_server_defaults_come_from_the_environment() -> None:
+    from pathlib import Path
+
+    import pytest
+
+    from local_ai_server.config import ConfigError, from_env
+    from local_ai_server.session import Session
+    from local_ai_server.voice.endpoint import turn_settings
+
+    cfg = from_env({"LOCAL_TURN_DETECTION": "smart", "LOCAL_TURN_THRESHOLD": "0.6", "LOCAL_TURN_SHORT_MS": "250",
+                    "LOCAL_TURN_LONG_MS": "1500"}, models_dir=Path("/m"))
+    assert turn_settings(Session(id=1), cfg.stt) == TurnSettings("smart", 0.6, 250, 1500)
+    assert turn_settings(Session(id=1, turn_detection="vad", turn_long_ms=900), cfg.stt) == TurnSettings(
+        "vad", 0.6, 250, 900)
+    # Installs from before the detector have no "turn" in selected.json: the registry's path is used.
+    assert cfg.stt.turn_model_path == Path("/m/turn/smart-turn-v3.2-cpu.onnx")
+    assert from_env({}, models_dir=Path("/m")).stt.turn_detection == "vad"
+    with pytest.raises(ConfigError):
+        from_env({"LOCAL_TURN_DETECTION": "semantic"}, models_dir=Path("/m"))

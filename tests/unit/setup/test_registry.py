@@ -249,6 +249,16 @@ def test_selection_round_trip_and_atomic_write(tmp_path: Path) -> None:
     assert selection is not None
     assert selection.path("llm") == models_dir / "llm/tiny.gguf"
     assert selection.model("stt").id == "tiny-stt"
+    assert "turn" not in selection.paths()  # a tier without the optional turn detector
+    with pytest.raises(KeyError):
+        selection.model("turn")
+
+
+def test_the_real_embedded_selection_names_the_turn_detector(tmp_path: Path, real: Registry) -> None:
+    write_selection(tmp_path, real, "embedded")
+    selection = read_selection(tmp_path)
+    assert selection is not None and selection.turn is not None
+    assert selection.paths()["turn"] == tmp_path / "turn/smart-turn-v3.2-cpu.onnx"
 
 
 @pytest.mark.parametrize(

@@ -65,6 +65,13 @@ class SttConfig:
     # Audio a session may have waiting to be segmented: a client sending faster than real time is held
     # to this (frames beyond it are refused with `busy`), so its memory stays bounded.
     max_queued_s: float = 60.0
+    # Turn detection (voice/endpoint.py): "vad" ends an utterance after silence_ms; "smart" asks the turn
+    # detector at turn_short_ms of silence and ends it there if complete, else after turn_long_ms.
+    turn_detection: str = "vad"
+    turn_threshold: float = 0.5
+    turn_short_ms: int = 200
+    turn_long_ms: int = 1000
+    turn_model_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -257,6 +264,13 @@ def from_env(
         energy_threshold=_int(env, "LOCAL_STT_SEGMENT_ENERGY_THRESHOLD", 100, 0),
         max_utterance_s=_float(env, "LOCAL_STT_MAX_UTTERANCE_S", 30.0),
         max_queued_s=_float(env, "LOCAL_STT_MAX_QUEUED_S", 60.0),
+        turn_detection=_choice(env, "LOCAL_TURN_DETECTION", "vad", ("vad", "smart")),
+        turn_threshold=_float(env, "LOCAL_TURN_THRESHOLD", 0.5),
+        turn_short_ms=_int(env, "LOCAL_TURN_SHORT_MS", 200, 50),
+        turn_long_ms=_int(env, "LOCAL_TURN_LONG_MS", 1000, 100),
+        # Installs from before the turn detector have no "turn" in selected.json: the registry's path.
+        turn_model_path=_path(env, "LOCAL_TURN_MODEL_PATH") or sel.get("turn")
+        or models_dir / "turn" / "smart-turn-v3.2-cpu.onnx",
     )
     llm = LlmConfig(
         model_path=_path(env, "LOCAL_LLM_MODEL_PATH") or sel.get("llm"),

@@ -24,6 +24,7 @@ from .llm_remote import BACKEND as REMOTE
 from .llm_remote import RemoteLlm
 from .metrics import Metrics
 from .model_status import model_status
+from .runtime_turn import TurnDetection
 from .vad import VadStream
 
 log = structlog.get_logger(__name__)
@@ -43,7 +44,7 @@ class EngineState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Engines:
+class Engines(TurnDetection):
     """Owns every model and the threads they run on; the event loop only awaits them."""
 
     def __init__(self, cfg: ServerConfig, metrics: Metrics) -> None:
@@ -96,11 +97,12 @@ class Engines:
             self._load_stt(self.cfg.stt.model_path),
             self._load_tts(self.cfg.tts.model_path),
             self._load_vad(),
+            self._load_turn(),
             self.pool.start(),
         )
         self.warming = False
         log.info("models.loaded", stt=self.stt_state.state, tts=self.tts_state.state, llm=self.pool.state,
-                 vad=self.vad_state.state)
+                 vad=self.vad_state.state, turn=self.turn is not None)
 
     async def run_aux(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking work on the auxiliary threads."""

@@ -34,6 +34,11 @@ class Session:
     # Speech probability that opens an utterance, and audio kept from before it (None: server defaults).
     segment_vad_threshold: float | None = None
     segment_preroll_ms: int | None = None
+    # Turn detection (voice/endpoint.py); None: the server's LOCAL_TURN_* defaults.
+    turn_detection: str | None = None
+    turn_threshold: float | None = None
+    turn_short_ms: int | None = None
+    turn_long_ms: int | None = None
     input_rate: int = 16000
     input_format: str = "pcm16le"
     authenticated: bool = False

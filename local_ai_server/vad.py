@@ -183,6 +183,14 @@ class Segmenter:
         self._onset = self._silence = self._voiced = 0
         self._last_voiced_index = 0
 
+    def end_now(self, reason: str = "turn") -> UtteranceEnd | None:
+        """End the utterance in progress at its pending audio (the turn detector judged it complete)."""
+        if not self.in_speech:
+            return None
+        events: list[Event] = []
+        self._end(reason, events)
+        return events[0] if events and isinstance(events[0], UtteranceEnd) else None
+
     def flush(self) -> UtteranceEnd | None:
         """End the utterance in progress now (idle timeout, end of stream); None if there is none."""
         if not self.in_speech:

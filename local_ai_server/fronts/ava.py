@@ -174,6 +174,9 @@ class AvaFront:
             s.segment_energy_threshold = msg.segment_energy_threshold
         if msg.segment_silence_ms is not None:
             s.segment_silence_ms = msg.segment_silence_ms
+        for key in ("turn_detection", "turn_threshold", "turn_short_ms", "turn_long_ms"):
+            if getattr(msg, key) is not None:
+                setattr(s, key, getattr(msg, key))
         if msg.output_encoding is not None or msg.output_sample_rate_hz is not None:
             s.output_encoding, s.output_sample_rate_hz, _fb = s.output_format(msg.output_encoding,
                                                                               msg.output_sample_rate_hz)
@@ -182,7 +185,7 @@ class AvaFront:
         self.out.send_control(P.mode_ready(
             mode=s.mode, call_id=s.call_id, segment_energy_threshold=s.segment_energy_threshold,
             segment_silence_ms=s.segment_silence_ms, output_encoding=enc, output_sample_rate_hz=rate,
-            request_id=msg.request_id))
+            request_id=msg.request_id, turn=self.call.listener.turn_echo()))
 
     def _enter(self, call_id: str | None, mode: str | None) -> None:
         """A message's call_id and mode override the session's from now on."""

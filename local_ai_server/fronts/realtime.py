@@ -29,6 +29,7 @@ from . import realtime_tools as T
 from .realtime_input import CORE_OUT, ManualBuffer, core_input, to_16k
 from .realtime_items import Conversation, Item
 from .realtime_parse import (
+    EAGERNESS_THRESHOLD,
     AudioAppend,
     AudioClear,
     AudioCommit,
@@ -210,6 +211,9 @@ class RealtimeFront:
         s.segment_silence_ms = td.silence_duration_ms if td is not None else None
         s.segment_vad_threshold = td.threshold if td is not None else None
         s.segment_preroll_ms = td.prefix_padding_ms if td is not None else None
+        semantic = td is not None and td.eagerness is not None  # semantic_vad: the turn detector
+        s.turn_detection = "smart" if semantic else "vad"
+        s.turn_threshold = EAGERNESS_THRESHOLD[td.eagerness] if td is not None and td.eagerness else None
         self.call.settings_changed()
 
     # ------------------------------------------------------------------ input audio

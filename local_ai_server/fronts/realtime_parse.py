@@ -47,6 +47,11 @@ class TurnDetection:
     silence_duration_ms: int | None = None
     create_response: bool = True
     interrupt_response: bool = True
+    eagerness: str | None = None  # semantic_vad (the turn detector, voice/endpoint.py): low|medium|high|auto
+
+
+# semantic_vad's eagerness as the turn detector's threshold: an eager server ends turns on weaker evidence.
+EAGERNESS_THRESHOLD = {"low": 0.7, "medium": 0.5, "auto": 0.5, "high": 0.3}
 
 
 @dataclass(frozen=True)
@@ -282,8 +287,14 @@ def _turn_detection(td: Any, param: str) -> TurnDetection | None:
     if not isinstance(td, dict):
         raise Invalid("turn_detection must be an object or null", code="invalid_type", param=param)
     kind = td.get("type", "server_vad")
+    if kind == "semantic_vad":
+        eagerness = td.get("eagerness", "auto")
+        if eagerness not in EAGERNESS_THRESHOLD:
+            raise Invalid("eagerness must be low, medium, high or auto", param=f"{param}.eagerness")
+        return TurnDetection(eagerness=eagerness, create_response=get_bool(td, "create_response", True, param),
+                             interrupt_response=get_bool(td, "interrupt_response", True, param))
     if kind != "server_vad":
-        raise Invalid(f"turn_detection type {short(kind)} is not supported; use server_vad or null",
+        raise Invalid(f"turn_detection type {short(kind)} is not supported; use server_vad, semantic_vad or null",
                       param=f"{param}.type")
     threshold = td.get("threshold")
     if threshold is not None and (not is_number(threshold) or not 0.0 <= threshold <= 1.0):

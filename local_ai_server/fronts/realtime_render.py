@@ -73,6 +73,9 @@ def session_object(cfg: SessionConfig, about: About, vad: VadDefaults) -> dict[s
     """The session as session.created / session.updated report it: every value is the one in effect."""
     td = cfg.turn_detection
     turn_detection = None if td is None else {
+        "type": "semantic_vad", "eagerness": td.eagerness, "create_response": td.create_response,
+        "interrupt_response": td.interrupt_response,
+    } if td.eagerness is not None else {
         "type": "server_vad",
         "threshold": td.threshold if td.threshold is not None else vad.threshold,
         "prefix_padding_ms": td.prefix_padding_ms if td.prefix_padding_ms is not None else vad.prefix_padding_ms,

@@ -160,8 +160,9 @@ def mode_ready(
     output_encoding: str | None,
     output_sample_rate_hz: int | None,
     request_id: RequestId = None,
+    turn: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`mode_ready` echoing the effective session settings."""
+    """`mode_ready` echoing the effective session settings (`turn`: turn_detection and its settings)."""
     return _with_ids(
         {
             "type": "mode_ready",
@@ -171,6 +172,7 @@ def mode_ready(
             "segment_silence_ms": segment_silence_ms,
             "output_encoding": output_encoding,
             "output_sample_rate_hz": output_sample_rate_hz,
+            **(turn or {}),
         },
         request_id,
     )

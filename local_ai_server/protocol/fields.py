@@ -153,6 +153,22 @@ class _Fields:
             return value
         return None
 
+    def opt_float(self, key: str, lo: float, hi: float) -> float | None:
+        value = self.obj.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+            raise self.fail(f"{key} must be a number between {lo:g} and {hi:g}")
+        return float(value)
+
+    def opt_choice(self, key: str, choices: tuple[str, ...]) -> str | None:
+        value = self.opt_id(key, 32)
+        if value is None:
+            return None
+        if value.strip().lower() not in choices:
+            raise self.fail(f"{key} must be one of {', '.join(choices)}")
+        return value.strip().lower()
+
     def opt_bool(self, key: str, default: bool = False) -> bool:
         value = self.obj.get(key)
         if value is None:

@@ -49,6 +49,11 @@ class SetMode:
     output_encoding: str | None = None
     output_sample_rate_hz: int | None = None
     request_id: RequestId = None
+    # Turn detection (voice/endpoint.py): "vad" | "smart", the detector's threshold, short and long silence.
+    turn_detection: str | None = None
+    turn_threshold: float | None = None
+    turn_short_ms: int | None = None
+    turn_long_ms: int | None = None
 
 
 @dataclass(frozen=True)

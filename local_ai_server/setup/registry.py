@@ -14,6 +14,7 @@ from typing import Any
 
 from local_ai_server.setup.registry_model import (
     HF_RESOLVE_RE,
+    OPTIONAL_ROLES,
     RESERVED_PATHS,
     ROLES,
     SHA256_RE,
@@ -33,7 +34,8 @@ from local_ai_server.setup.registry_model import (
 
 # The registry's names, with those of its data model that callers import from here.
 __all__ = [
-    "HF_RESOLVE_RE", "RESERVED_PATHS", "ROLES", "SCHEMA_VERSION", "VERIFY_HF_LFS", "VERIFY_KINDS", "VERIFY_PINNED",
+    "HF_RESOLVE_RE", "OPTIONAL_ROLES", "RESERVED_PATHS", "ROLES", "SCHEMA_VERSION", "VERIFY_HF_LFS", "VERIFY_KINDS",
+    "VERIFY_PINNED",
     "Model", "ModelFile", "PypiWheelSource", "Registry", "RegistryError", "SetupError", "Source", "Tier", "UrlSource",
     "load_registry", "parse_registry",
 ]
@@ -149,9 +151,9 @@ def _tier(name: str, raw: Any, models: Mapping[str, Model]) -> Tier:
             raise _Invalid(f"{where}.requirements.{key} must be a non-negative number or a boolean")
         requirements[key] = value
     roles_obj = _object(obj["models"], f"{where}.models")
-    _keys(roles_obj, f"{where}.models", required=set(ROLES), optional=set())
+    _keys(roles_obj, f"{where}.models", required=set(ROLES), optional=set(OPTIONAL_ROLES))
     roles: dict[str, str] = {}
-    for role in ROLES:
+    for role in (r for r in ROLES + OPTIONAL_ROLES if r in roles_obj):
         model_id = _string(roles_obj[role], f"{where}.models.{role}")
         model = models.get(model_id)
         if model is None:
@@ -178,8 +180,8 @@ def _model(key: str, raw: Any) -> Model:
     if not _ID_RE.match(model_id):
         raise _Invalid(f"{where}: id must be letters, digits, '.', '_' or '-'")
     role = _string(obj["role"], f"{where}.role")
-    if role not in ROLES:
-        raise _Invalid(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
+    if role not in ROLES + OPTIONAL_ROLES:
+        raise _Invalid(f"{where}.role must be one of {', '.join(ROLES + OPTIONAL_ROLES)}, got {role!r}")
     dest = _relpath(obj["dest"], f"{where}.dest")
     files_raw = obj["files"]
     if not isinstance(files_raw, list) or not files_raw:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 ROLES: tuple[str, ...] = ("stt", "llm", "tts")
+# Roles a tier may add: small helper models (the turn detector) that every role above works without.
+OPTIONAL_ROLES: tuple[str, ...] = ("turn",)
 # Files the installer itself writes into the models dir; a model file must never shadow them.
 RESERVED_PATHS = frozenset({"selected.json", "install.json"})
 
@@ -158,9 +160,9 @@ class Registry:
         return tier
 
     def tier_models(self, name: str) -> dict[str, Model]:
-        """The models of tier `name`, keyed by role in ROLES order."""
+        """The models of tier `name`, keyed by role in ROLES order, then the optional roles it has."""
         tier = self.tier(name)
-        return {role: self.models[tier.models[role]] for role in ROLES}
+        return {role: self.models[tier.models[role]] for role in ROLES + OPTIONAL_ROLES if role in tier.models}
 
     def tier_files(self, name: str) -> list[ModelFile]:
         """Every file tier `name` needs, in registry order (stt, llm, tts)."""

@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from local_ai_server.setup.jsonfile import write_json_atomic
-from local_ai_server.setup.registry import ROLES, Registry, SetupError
+from local_ai_server.setup.registry import OPTIONAL_ROLES, ROLES, Registry, SetupError
 
 SELECTION_FILENAME = "selected.json"
 SELECTION_SCHEMA_VERSION = 1
@@ -39,12 +39,13 @@ class Selection:
     llm: SelectedModel
     tts: SelectedModel
     models_dir: Path
+    turn: SelectedModel | None = None  # optional: selections written before the turn detector lack it
 
     def model(self, role: str) -> SelectedModel:
-        """The selected model for `role` (stt, llm or tts)."""
-        if role not in ROLES:
+        """The selected model for `role` (stt, llm, tts, or turn when the tier has one)."""
+        model: SelectedModel | None = getattr(self, role) if role in ROLES + OPTIONAL_ROLES else None
+        if model is None:
             raise KeyError(role)
-        model: SelectedModel = getattr(self, role)
         return model
 
     def path(self, role: str) -> Path:
@@ -53,7 +54,7 @@ class Selection:
 
     def paths(self) -> dict[str, Path]:
         """Absolute model paths keyed by role, as config.from_env(selection_paths=...) takes them."""
-        return {role: self.path(role) for role in ROLES}
+        return {role: self.path(role) for role in ROLES + OPTIONAL_ROLES if getattr(self, role) is not None}
 
 
 def repo_root() -> Path | None:
@@ -124,7 +125,8 @@ def read_selection(models_dir: Path) -> Selection | None:
     if not isinstance(tier, str) or not tier:
         raise SelectionError(f"corrupt selection {path}: missing tier")
     models = {role: _selected_model(data.get(role), role, path) for role in ROLES}
-    return Selection(tier=tier, models_dir=Path(models_dir), **models)
+    turn = _selected_model(data["turn"], "turn", path) if data.get("turn") is not None else None
+    return Selection(tier=tier, models_dir=Path(models_dir), turn=turn, **models)
 
 
 def _selected_model(raw: Any, role: str, path: Path) -> SelectedModel:

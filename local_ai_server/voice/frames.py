@@ -69,11 +69,13 @@ class FrameDecoder:
         return self._resampler.process(x)
 
 
-def segmenter_settings(session: Session, cfg: SttConfig) -> SegmenterSettings:
+def segmenter_settings(session: Session, cfg: SttConfig, smart: bool = False) -> SegmenterSettings:
     """The session's segmentation settings over the server defaults."""
     s = session
     return SegmenterSettings(
-        silence_ms=s.segment_silence_ms if s.segment_silence_ms is not None else cfg.silence_ms,
+        # With smart turn detection the silence cap is the long one; the detector ends turns earlier.
+        silence_ms=(s.turn_long_ms if s.turn_long_ms is not None else cfg.turn_long_ms)
+        if smart else s.segment_silence_ms if s.segment_silence_ms is not None else cfg.silence_ms,
         energy_threshold=(s.segment_energy_threshold if s.segment_energy_threshold is not None
                           else cfg.energy_threshold),
         vad_threshold=s.segment_vad_threshold if s.segment_vad_threshold is not None else cfg.vad_threshold,

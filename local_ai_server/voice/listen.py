@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import structlog
@@ -20,9 +20,11 @@ from ..metrics import Metrics
 from ..session import Session
 from ..tasks import TaskOwner
 from ..vad import Segmenter, UtteranceEnd, UtteranceStart
+from .endpoint import EndpointPolicy, Key, TurnSettings
 from .events import Transcribed, VoiceActivity
 from .frames import Final, Frame, FrameDecoder, segmenter_settings
-from .ports import Engines, Sink
+from .listen_turn import TurnEnding
+from .ports import Answering, Engines, Sink
 
 __all__ = ["AUDIO_QUEUE_FRAMES", "INLINE_SAMPLES", "Answering", "Final", "Frame", "Listener", "segmenter_settings"]
 
@@ -33,24 +35,7 @@ INLINE_SAMPLES = 8000
 AUDIO_QUEUE_FRAMES = 2000
 
 
-class Answering(Protocol):
-    """What listening hands its transcripts to: the call."""
-
-    def guess(self, text: str, mode: str, request_id: RequestId) -> Any:
-        """Start answering a transcript the caller may still add to (held); None if not worth it."""
-
-    def drop_guess(self, guess: Any) -> None:
-        """The guess was for other words: forget it unheard."""
-
-    def heard(self, text: str, mode: str, request_id: RequestId, ended_at: float, stt_ms: float,
-              guess: Any) -> None:
-        """A final transcript in an answering mode: confirm the guess or answer afresh."""
-
-    def error(self, err: ServerError) -> None:
-        """Tell the caller's client."""
-
-
-class Listener:
+class Listener(TurnEnding):
     """One call's ears: frames in order, utterances out, partials while speaking, finals in order."""
 
     def __init__(self, session: Session, engines: Engines, sink: Sink, cfg: SttConfig, metrics: Metrics,
@@ -72,6 +57,9 @@ class Listener:
         self._early: tuple[tuple[int, int], asyncio.Task[Transcript]] | None = None
         self._guess: tuple[tuple[int, int], Any] | None = None
         self._segmenter: Segmenter | None = None
+        self._endpoint = EndpointPolicy(TurnSettings())
+        self._segmenting = False  # a frame is being segmented on a thread: the segmenter is not ours to end
+        self._end_when_back: Key | None = None  # a turn judged complete meanwhile
         self._decoder = FrameDecoder()
         self._utterance_no = 0
         self._partial_task: asyncio.Task[None] | None = None
@@ -135,8 +123,9 @@ class Listener:
 
     def settings_changed(self) -> None:
         """set_mode changed the thresholds: apply them to the live segmenter."""
+        self._endpoint.settings = ts = self.turn_settings()
         if self._segmenter is not None:
-            self._segmenter.update(segmenter_settings(self.session, self.cfg))
+            self._segmenter.update(segmenter_settings(self.session, self.cfg, smart=ts.smart))
 
     # ------------------------------------------------------------------ segmentation
 
@@ -154,7 +143,9 @@ class Listener:
                 await self._drain_without_stt()
                 continue
             if self._segmenter is None:
-                self._segmenter = Segmenter(self.engines.vad_stream(), segmenter_settings(self.session, self.cfg))
+                self._endpoint.settings = ts = self.turn_settings()
+                self._segmenter = Segmenter(self.engines.vad_stream(),
+                                            segmenter_settings(self.session, self.cfg, smart=ts.smart))
             try:
                 frame = await asyncio.wait_for(self._frames.get(),
                                                timeout=idle_s if self._audio_since_final else None)
@@ -165,7 +156,11 @@ class Listener:
             self._audio_since_final = True
             try:
                 if frame.samples > INLINE_SAMPLES:
-                    events = await self.engines.run_aux(self._segment, frame)
+                    self._segmenting = True
+                    try:
+                        events = await self.engines.run_aux(self._segment, frame)
+                    finally:
+                        self._segmenting = False
                 else:
                     events = self._segment(frame)
             except Exception:  # noqa: BLE001 - a frame we cannot decode is the client's error, not the call's end
@@ -188,7 +183,10 @@ class Listener:
                     self._queue_final(ev, frame.mode, frame.request_id)
             if self._speaking and not self._segmenter.in_speech:
                 self._voice_activity(False, self._segmenter.clock_ms, transcribed=False)
+            if self._end_when_back is not None:
+                self._end_turn(self._end_when_back, frame.mode, frame.request_id)
             self._drop_stale_guess()
+            self._maybe_score_turn(frame.mode, frame.request_id)
             self._maybe_transcribe_early(frame.mode, frame.request_id)
             self._maybe_partial(frame.mode, frame.request_id)
 
@@ -270,7 +268,7 @@ class Listener:
                 or not seg.in_speech or seg.pending_final_key() != key):
             return  # superseded: the caller spoke again, or the utterance already ended
         text = task.result().text.strip()
-        if not text or self.session.mode != mode or not self._answers(mode):
+        if not text or self.session.mode != mode or not self._answers(mode) or not self._endpoint.keeps_guess(key):
             return
         guess = self.answering.guess(text, mode, rid)
         if guess is not None:
@@ -377,6 +375,7 @@ class Listener:
             self._dequeued(self._frames.get_nowait())
         if self._segmenter is not None:
             self._segmenter.reset()
+        self._endpoint.reset()
         if self._guess is not None:
             self.answering.drop_guess(self._guess[1])
             self._guess = None

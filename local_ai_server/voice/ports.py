@@ -9,6 +9,7 @@ import numpy as np
 
 from ..engines.llm import SamplingParams
 from ..engines.stt import Transcript
+from ..errors import RequestId, ServerError
 from ..vad import VadStream
 from .events import Event
 
@@ -16,6 +17,23 @@ if TYPE_CHECKING:
     from .turn import Turn
 
 T = TypeVar("T")
+
+
+class Answering(Protocol):
+    """What listening hands its transcripts to: the call."""
+
+    def guess(self, text: str, mode: str, request_id: RequestId) -> Any:
+        """Start answering a transcript the caller may still add to (held); None if not worth it."""
+
+    def drop_guess(self, guess: Any) -> None:
+        """The guess was for other words: forget it unheard."""
+
+    def heard(self, text: str, mode: str, request_id: RequestId, ended_at: float, stt_ms: float,
+              guess: Any) -> None:
+        """A final transcript in an answering mode: confirm the guess or answer afresh."""
+
+    def error(self, err: ServerError) -> None:
+        """Tell the caller's client."""
 
 
 class Sink(Protocol):
@@ -89,3 +107,9 @@ class Engines(Protocol):
 
     def sampling(self) -> SamplingParams:
         """The configured sampling parameters."""
+
+    def turn_available(self) -> bool:
+        """Whether the turn detector is loaded (smart turn detection)."""
+
+    async def turn_probability(self, audio: np.ndarray) -> float:
+        """Probability that the caller finished, judged from the utterance so far; raises NotReady."""

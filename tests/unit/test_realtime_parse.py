@@ -74,6 +74,9 @@ def test_absent_fields_change_nothing_and_unknown_ones_are_ignored() -> None:
     assert isinstance(ev, SessionUpdate) and ev.patch.apply(start) == start
     # Turn detection given without its fields: the defaults (a whole replacement, as OpenAI's).
     assert update({"audio": {"input": {"turn_detection": {"type": "server_vad"}}}}).turn_detection == TurnDetection()
+    # semantic_vad is the turn detector; its eagerness (default auto) becomes the detector's threshold.
+    semantic = {"audio": {"input": {"turn_detection": {"type": "semantic_vad", "eagerness": "high"}}}}
+    assert update(semantic).turn_detection == TurnDetection(eagerness="high")
 
 
 @pytest.mark.parametrize(("session", "param"), [
@@ -84,7 +87,9 @@ def test_absent_fields_change_nothing_and_unknown_ones_are_ignored() -> None:
     ({"output_modalities": []}, "session.output_modalities"),
     ({"audio": {"input": {"format": {"type": "audio/opus"}}}}, "session.audio.input.format"),
     ({"audio": {"output": {"format": {"type": "audio/pcm", "rate": 16000}}}}, "session.audio.output.format.rate"),
-    ({"audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}}, "session.audio.input.turn_detection.type"),
+    ({"audio": {"input": {"turn_detection": {"type": "near_field_vad"}}}}, "session.audio.input.turn_detection.type"),
+    ({"audio": {"input": {"turn_detection": {"type": "semantic_vad", "eagerness": "eager"}}}},
+     "session.audio.input.turn_detection.eagerness"),
     ({"audio": {"input": {"turn_detection": {"threshold": 1.5}}}}, "session.audio.input.turn_detection.threshold"),
     ({"audio": {"input": {"turn_detection": {"threshold": True}}}}, "session.audio.input.turn_detection.threshold"),
     ({"audio": {"input": {"turn_detection": {"silence_duration_ms": "500"}}}},

@@ -86,6 +86,8 @@ class FakeEngines:
         self.stt_delay = 0.0
         self.tts_fail: BaseException | None = None
         self.transcribed = 0  # final transcriptions (partials not counted)
+        self.turn_p: list[float] | None = None  # the turn detector's answers in order (None: no detector)
+        self.scored: list[float] = []  # seconds of audio each turn score was asked for
 
     def stt_available(self) -> bool:
         return True
@@ -112,6 +114,16 @@ class FakeEngines:
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=64, temperature=0.0, top_p=1.0, repeat_penalty=1.0)
+
+    def turn_available(self) -> bool:
+        return self.turn_p is not None
+
+    async def turn_probability(self, audio: np.ndarray) -> float:
+        await asyncio.sleep(0)
+        if self.turn_p is None:
+            raise NotReady("no turn detector")
+        self.scored.append(len(audio) / 16000)
+        return self.turn_p[min(len(self.scored), len(self.turn_p)) - 1]
 
 
 class RecordingSink:

@@ -323,5 +323,5 @@ def test_cli_list_real_registry() -> None:
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     embedded = next(t for t in doc["tiers"] if t["name"] == "embedded")
-    assert embedded["size_bytes"] == 239_659_114
+    assert embedded["size_bytes"] == 248_338_296
 

@@ -41,7 +41,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if read_selection(src) is None:
         pytest.fail(f"no models installed in {src}: run ./install.sh (scripts/test.sh does)")
     dst = tmp_path_factory.mktemp("flow") / "models"
-    for sub in ("stt", "llm", "tts"):
+    for sub in ("stt", "llm", "tts", "turn"):
         for f in (src / sub).rglob("*"):
             if f.is_file() and not f.name.startswith("."):
                 target = dst / f.relative_to(src)

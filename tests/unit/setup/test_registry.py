@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from local_ai_server.setup.registry import (
+    OPTIONAL_ROLES,
     ROLES,
     ModelFile,
     PypiWheelSource,
@@ -48,7 +49,9 @@ def test_real_registry_tiers_reference_existing_models_of_the_right_role(real: R
     assert "embedded" in real.tiers
     for tier in real.tiers.values():
         assert tier.description
-        assert set(tier.models) == set(ROLES)
+        assert set(ROLES) <= set(tier.models) <= set(ROLES + OPTIONAL_ROLES)
+        # Every tier ships the turn detector: semantic turn detection works whichever tier is installed.
+        assert tier.models.get("turn") == "smart-turn-v3.2-cpu"
         for role, model_id in tier.models.items():
             assert real.models[model_id].role == role
 
@@ -82,6 +85,7 @@ def test_embedded_tier_layout(real: Registry) -> None:
     assert models["stt"].dest == "stt/whisper-tiny.en"
     assert models["llm"].dest == "llm/SmolLM2-135M-Instruct.Q4_1.gguf"
     assert models["tts"].dest == "tts/en_US-joe-medium.onnx"
+    assert models["turn"].dest == "turn/smart-turn-v3.2-cpu.onnx"
     assert [f.path for f in real.tier_files("embedded")] == [
         "stt/whisper-tiny.en/model.bin",
         "stt/whisper-tiny.en/config.json",
@@ -90,11 +94,12 @@ def test_embedded_tier_layout(real: Registry) -> None:
         "llm/SmolLM2-135M-Instruct.Q4_1.gguf",
         "tts/en_US-joe-medium.onnx",
         "tts/en_US-joe-medium.onnx.json",
+        "turn/smart-turn-v3.2-cpu.onnx",
     ]
     assert models["tts"].sample_rate_hz == 22050
     assert models["llm"].chat_format == "gguf-template"
     assert models["llm"].quantization == "Q4_1"
-    assert sum(m.size_bytes for m in models.values()) == 239_659_114
+    assert sum(m.size_bytes for m in models.values()) == 248_338_296
     assert real.tier("embedded").requirements["min_ram_gb"] > 0
 
 
@@ -244,6 +249,16 @@ def test_selection_round_trip_and_atomic_write(tmp_path: Path) -> None:
     assert selection is not None
     assert selection.path("llm") == models_dir / "llm/tiny.gguf"
     assert selection.model("stt").id == "tiny-stt"
+    assert "turn" not in selection.paths()  # a tier without the optional turn detector
+    with pytest.raises(KeyError):
+        selection.model("turn")
+
+
+def test_the_real_embedded_selection_names_the_turn_detector(tmp_path: Path, real: Registry) -> None:
+    write_selection(tmp_path, real, "embedded")
+    selection = read_selection(tmp_path)
+    assert selection is not None and selection.turn is not None
+    assert selection.paths()["turn"] == tmp_path / "turn/smart-turn-v3.2-cpu.onnx"
 
 
 @pytest.mark.parametrize(

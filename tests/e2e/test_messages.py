@@ -21,8 +21,10 @@ async def test_set_mode_echoes_effective_values(client_factory: Callable[..., An
     ready = await c.request({"type": "set_mode", "mode": "llm", "call_id": "c1", "segment_energy_threshold": 900,
                              "segment_silence_ms": 400, "output_encoding": "linear16",
                              "output_sample_rate_hz": 24000}, "mode_ready")
+    # The turn detection fields (ext) echo the server's defaults: plain VAD endpointing unless asked.
     assert ready == {"type": "mode_ready", "mode": "llm", "call_id": "c1", "segment_energy_threshold": 900,
-                     "segment_silence_ms": 400, "output_encoding": "linear16", "output_sample_rate_hz": 24000}
+                     "segment_silence_ms": 400, "output_encoding": "linear16", "output_sample_rate_hz": 24000,
+                     "turn_detection": "vad", "turn_threshold": 0.5, "turn_short_ms": 200, "turn_long_ms": 1000}
     # Defaults are null; an unsupported output format falls back to mulaw/8000.
     ready = await c.request({"type": "SET-MODE ", "mode": "tts", "output_encoding": "opus",
                              "output_sample_rate_hz": 12345}, "mode_ready")

@@ -327,11 +327,14 @@ class Engines(TurnDetection):
         stt = self.stt
         if stt is None:
             raise NotReady(self.stt_state.error or "STT is not ready")
+        return await self.run_stt(kind, stt.transcribe, audio)
+
+    async def run_stt(self, kind: str, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the STT threads: counted in flight, its wait and its time observed as `kind`."""
         t0 = time.perf_counter()
         self.stt_inflight += 1
         try:
-            result = await asyncio.get_running_loop().run_in_executor(
-                self.stt_exec, self._waited("stt", stt.transcribe, audio))
+            result = await asyncio.get_running_loop().run_in_executor(self.stt_exec, self._waited("stt", fn, *args))
         finally:
             self.stt_inflight -= 1
         self.metrics.stt_seconds.labels(kind).observe(time.perf_counter() - t0)

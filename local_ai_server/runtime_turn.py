@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -14,7 +11,6 @@ import structlog
 from .config import ServerConfig
 from .engines.turn import SmartTurn
 from .errors import NotReady
-from .metrics import Metrics
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -24,13 +20,15 @@ class TurnDetection:
     """Mixin of runtime.Engines: the optional turn detector; a missing model only disables smart turns."""
 
     cfg: ServerConfig
-    metrics: Metrics
-    stt_exec: concurrent.futures.ThreadPoolExecutor
     turn: SmartTurn | None = None
     turn_error: str | None = None
 
     async def run_aux(self, fn: Callable[..., T], *args: Any) -> T:
         """Blocking work off the loop (runtime.Engines')."""
+        raise NotImplementedError
+
+    async def run_stt(self, kind: str, fn: Callable[..., T], *args: Any) -> T:
+        """Work on the STT threads, counted and timed as a transcription is (runtime.Engines')."""
         raise NotImplementedError
 
     async def _load_turn(self) -> None:
@@ -55,7 +53,6 @@ class TurnDetection:
         turn = self.turn
         if turn is None:
             raise NotReady(self.turn_error or "turn detector is not loaded")
-        t0 = time.perf_counter()
-        p = await asyncio.get_running_loop().run_in_executor(self.stt_exec, turn.probability, audio)
-        self.metrics.stt_seconds.labels("turn").observe(time.perf_counter() - t0)
-        return p
+        # The same thread, queue-wait metric and in-flight count as a transcription: a score delays a partial
+        # just as a final does.
+        return await self.run_stt("turn", turn.probability, audio)

@@ -32,6 +32,7 @@ from .llm_worker import (
     llama_engine,
     serve,
 )
+from .tasks import TaskOwner
 
 __all__ = [
     "COALESCE_LATE_S", "COALESCE_S", "FAST_PHASE_S", "IDLE_TRIM_S", "KILL_GRACE_S", "Engine", "EngineFactory",
@@ -85,7 +86,7 @@ class LlmPool(Scheduler):
         self._ctx = multiprocessing.get_context("spawn")
         self._closing = False
         self._load_lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.tasks = TaskOwner("llm-pool")  # respawns: none outlives close()
         self._pin: tuple[str, int] | None = None  # (model path, open descriptor of the file serving)
 
     # ------------------------------------------------------------------ lifecycle
@@ -194,6 +195,7 @@ class LlmPool(Scheduler):
             self._send(w, ("stop",))
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._join_all, workers, timeout)
+        await self.tasks.aclose()
         self._workers = []
         self._unpin()
         self.state = "stopped"
@@ -230,10 +232,7 @@ class LlmPool(Scheduler):
             log.warning("llm.worker_died", worker=w.index, pid=w.pid, exitcode=getattr(w.proc, "exitcode", None))
             replacement = _Worker(index=w.index, model_path=w.model_path, pinned=self._pinned_path(w.model_path))
             self._workers[self._workers.index(w)] = replacement
-            # Keep a reference: the loop holds tasks only weakly.
-            task = asyncio.ensure_future(self._respawn(replacement))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.tasks.spawn(self._respawn(replacement), name=f"llm-respawn-{w.index}")
         elif w in self._workers and w.retiring:
             self._workers.remove(w)
         self._dispatch()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -88,12 +89,21 @@ class Events:
         await asyncio.gather(self._task, return_exceptions=True)
 
 
+@contextlib.asynccontextmanager
+async def connected(srv: ServerProc) -> AsyncIterator[tuple[AsyncRealtimeConnection, Events]]:
+    """A Realtime connection through the SDK, with its events read in the background."""
+    async with sdk(srv).realtime.connect(model="local-test") as conn:
+        events = Events(conn)
+        try:
+            yield conn, events
+        finally:
+            await events.close()
+
+
 @pytest.fixture
 async def session(rt: ServerProc) -> AsyncIterator[tuple[AsyncRealtimeConnection, Events]]:
-    async with sdk(rt).realtime.connect(model="local-test") as conn:
-        events = Events(conn)
-        yield conn, events
-        await events.close()
+    async with connected(rt) as pair:
+        yield pair
 
 
 def speech_24k(speak: Callable[[str], np.ndarray], text: str, lead: float = 0.3, tail: float = 1.2) -> bytes:

@@ -17,7 +17,7 @@ from openai.resources.realtime.realtime import AsyncRealtimeConnection
 
 from .conftest import ServerProc, start_server
 from .test_concurrency import LONG_CONTEXT, LONG_PROMPT
-from .test_realtime import QUESTION, TOKEN, Events, ask, assert_nothing_after_done, sdk
+from .test_realtime import QUESTION, TOKEN, Events, ask, assert_nothing_after_done, connected
 
 pytestmark = pytest.mark.e2e
 # Long answers ("hello" 200 times, minutes of speech) that still end soon when nobody cancels them; greedy, so
@@ -37,10 +37,8 @@ def rt(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
 
 @pytest.fixture
 async def session(rt: ServerProc) -> AsyncIterator[tuple[AsyncRealtimeConnection, Events]]:
-    async with sdk(rt).realtime.connect(model="local-test") as conn:
-        events = Events(conn)
-        yield conn, events
-        await events.close()
+    async with connected(rt) as pair:
+        yield pair
 
 
 async def long_response(conn: AsyncRealtimeConnection, ev: Events, audio: bool = True) -> tuple[str, int]:

@@ -15,7 +15,7 @@ import pytest
 from openai.resources.realtime.realtime import AsyncRealtimeConnection
 
 from .conftest import ServerProc, start_server
-from .test_realtime import TOKEN, Events, ask, assert_unique_event_ids, response_audio, sdk
+from .test_realtime import TOKEN, Events, ask, assert_unique_event_ids, connected, response_audio
 
 pytestmark = pytest.mark.e2e
 WEATHER = {"type": "function", "name": "get_weather", "description": "Get the current weather in a city.",
@@ -32,10 +32,8 @@ def rt_tools(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 @pytest.fixture
 async def conn_ev(rt_tools: ServerProc) -> AsyncIterator[tuple[AsyncRealtimeConnection, Events]]:
-    async with sdk(rt_tools).realtime.connect(model="local-test") as conn:
-        events = Events(conn)
-        yield conn, events
-        await events.close()
+    async with connected(rt_tools) as pair:
+        yield pair
 
 
 def realtime_requests(srv: ServerProc) -> list[dict[str, Any]]:

@@ -169,8 +169,11 @@ def verify_turn(models_dir: Path, selection: Any, *, quiet: bool, rebench: Rerun
         cold = measure_cold_start(models_dir, cold_start_files)
         if cold["ready_ms"] is not None:
             measured["ready_ms"] = cold["ready_ms"]
+        still = cold["still_cached_mb"]
         say(f"  port open after {cold['port_open_ms']} ms, /ready after {cold['ready_ms']} ms"
-            + ("" if cold["page_cache_dropped"] else " (the page cache could not be dropped: a warm start)"))
+            + ("" if cold["page_cache_dropped"] else " (the page cache could not be dropped: a warm start)")
+            + (f" ({still:g} of {cold['files_mb']:g} MB stayed cached: other processes map these files, so "
+               "the start was partly warm)" if still else ""))
     out: dict[str, Any] = {"measured": measured, "transcript": result.transcript, "answer": result.answer,
                            "comparison": None, "cold_start": cold}
     if record is None or record.tier != selection.tier:

@@ -9,6 +9,8 @@ with the installation record's settings, and is stopped (SIGTERM, its workers re
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,12 +38,34 @@ def drop_from_page_cache(paths: Iterable[Path]) -> list[str]:
     return kept
 
 
+def resident_bytes(paths: Iterable[Path]) -> int | None:
+    """Bytes of these files in the page cache (util-linux `fincore`), None where that cannot be told.
+
+    Dropping only frees pages no process maps: another server running on the same files keeps them cached,
+    and the start is then partly warm. This says by how much.
+    """
+    files = [str(p) for p in paths]
+    if not files or shutil.which("fincore") is None:
+        return None
+    try:
+        proc = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *files], capture_output=True,
+                              text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    try:
+        return sum(int(line) for line in proc.stdout.split()) if proc.returncode == 0 else None
+    except ValueError:
+        return None
+
+
 def measure_cold_start(models_dir: Path, files: Iterable[Path], *, timeout_s: float = READY_TIMEOUT_S,
                        cwd: Path | None = None) -> dict[str, Any]:
     """Milliseconds from starting the server to its port opening and to /ready answering 200, files cold."""
     from local_ai_server.harness import start_server
 
+    files = list(files)
     kept = drop_from_page_cache(files)
+    resident = resident_bytes(files)
     with tempfile.TemporaryDirectory(prefix="verify-cold-") as tmp:
         srv = start_server(Path(tmp), Path(models_dir), wait="ready", name="verify-cold", timeout=timeout_s, cwd=cwd)
         try:
@@ -49,4 +73,7 @@ def measure_cold_start(models_dir: Path, files: Iterable[Path], *, timeout_s: fl
             ready_ms = None if srv.ready_s is None else round(srv.ready_s * 1000)
         finally:
             srv.stop(20, reap=True)
-    return {"ready_ms": ready_ms, "port_open_ms": port_ms, "page_cache_dropped": not kept, "cache_kept": kept}
+    total = sum(p.stat().st_size for p in files if p.is_file())
+    return {"ready_ms": ready_ms, "port_open_ms": port_ms, "page_cache_dropped": not kept, "cache_kept": kept,
+            "files_mb": round(total / 1e6, 1),
+            "still_cached_mb": None if resident is None else round(resident / 1e6, 1)}

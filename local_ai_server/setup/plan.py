@@ -219,7 +219,7 @@ def assess(registry: Registry, tier: Tier, hw: Hardware, bench: Bench | None = N
 
 def _range(prediction: Prediction, key: str) -> str:
     """`p50 (at worst bound)`, e.g. `12.5 (at worst 9.8)`; the p50 alone where both are the same."""
-    p50, bound = prediction.to_dict()[key], prediction.bound(key)
+    p50, bound = prediction.to_dict()[key], prediction.bounds_dict().get(key, prediction.to_dict()[key])
     return f"{p50:g}" if p50 == bound else f"{p50:g} (at worst {bound:g})"
 
 
@@ -257,6 +257,9 @@ def make_plan(registry: Registry, hw: Hardware, *, tier: str | None = None, benc
         "hardware": {"cpu_model": hw.cpu_model, "cpu_cores": hw.cpu_cores, "ram_gb": hw.ram_gb,
                      "gpu": None if gpu is None else {"name": gpu.name, "memory_gb": gpu_memory_gb(gpu)}},
         "bench": ("none: predicted from hardware alone, with the assumptions below" if bench is None else
+                  "per-type and per-layer rates measured here (one probe per tensor type, two depth probes); "
+                  "each LLM priced by its recorded tensors (registry.json architecture), the embedded LLM "
+                  "measured byte for byte" if bench.kernels is not None else
                   "measured probe rates, scaled by weights bytes (decode) and parameters (prefill, TTFT)"
                   if bench.small is None else
                   "two measured LLMs; per-token costs fitted as a fixed part plus a part proportional to weights "

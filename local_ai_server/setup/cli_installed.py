@@ -57,6 +57,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
                                 f"registry tier {tier} has {want.id} at {want.dest}")
     files = registry.tier_files(tier)
     problems += verify_tier(registry, tier, models_dir)
+    llm = registry.tier_models(tier)["llm"]
+    mismatches: list[str] = []
+    if not problems and llm.shape is not None:
+        # The registry's tensor facts priced this tier: check them against the installed file itself. A
+        # mismatch leaves the server working, but its predictions were made for another file: said, not fatal.
+        from local_ai_server.setup.llm_shape import file_mismatches
+
+        mismatches = file_mismatches(llm.shape, models_dir / llm.dest)
+        for line in mismatches[:5]:
+            print(f"warning: registry.json's architecture of {llm.id} does not match the file: {line}",
+                  file=sys.stderr)
     if not args.json:
         for problem in problems:
             print(problem)
@@ -72,7 +83,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                            cold_start_files=None if args.no_cold_start else [models_dir / f.path for f in files])
     if args.json:
         emit({"ok": not problems, "tier": tier, "models_dir": str(models_dir), "files": len(files),
-               "problems": problems, "turn": turn})
+               "problems": problems, "architecture_mismatches": mismatches, "turn": turn})
     if problems:
         print(f"error: {len(problems)} problem(s) with tier {tier} in {models_dir}; "
               "re-run `model_setup.py download` to repair", file=sys.stderr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -240,3 +241,28 @@ def q4_k_m_more_bits(n_layer: int) -> tuple[int, ...]:
     """The layers whose attn_v and ffn_down llama.cpp's Q4_K_M mix stores in Q6_K (its `use_more_bits`)."""
     return tuple(i for i in range(n_layer)
                  if i < n_layer // 8 or i >= 7 * n_layer // 8 or (i - n_layer // 8) % 3 == 2)
+
+
+def file_mismatches(shape: LlmShape, path: Path) -> list[str]:
+    """How the GGUF file at `path` differs from `shape` (tensor names, dims, types); empty when it matches.
+
+    `verify` runs this on the installed LLM, so a registry fact taken from a published config rather than
+    from the file itself is checked against the file as soon as one is installed.
+    """
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (OSError, ValueError) as exc:
+        return [f"{path.name}: not a readable GGUF file ({exc})"]
+    found = {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in reader.tensors
+             if not t.name.startswith("rope_")}  # Llama 3's rope frequencies: a 64-float table, no weight
+    wanted = {t.name: (t.type, (t.cols,) if t.rows == 1 else (t.cols, t.rows)) for t in shape.tensors()}
+    out = [f"{path.name}: tensor {name} is {found[name][0]} {list(found[name][1])}, the registry says "
+           f"{want[0]} {list(want[1])}" for name, want in wanted.items() if name in found and found[name] != want]
+    missing, extra = sorted(set(wanted) - set(found)), sorted(set(found) - set(wanted))
+    if missing:
+        out.append(f"{path.name}: lacks {len(missing)} tensor(s) the registry lists, e.g. {missing[0]}")
+    if extra:
+        out.append(f"{path.name}: has {len(extra)} tensor(s) the registry does not list, e.g. {extra[0]}")
+    return out

@@ -89,6 +89,7 @@ def test_the_whole_pipeline(models: Path, tmp_path: Path) -> None:
     verify = json.loads(ok(cli("verify", "--models-dir", str(models), "--cache-dir", str(cache), "--offline",
                                "--json")).stdout)
     assert verify["ok"] is True and verify["problems"] == []
+    assert verify["architecture_mismatches"] == []  # registry.json's tensors are the installed file's
     turn = verify["turn"]
     assert "three" in turn["transcript"].lower() and turn["answer"]  # a question was heard and answered
     for key in ("stt_ms", "ttft_ms", "turn_decode_tok_s", "tts_first_sentence_ms", "first_audio_ms", "voice_turn_ms",

@@ -34,8 +34,8 @@ from local_ai_server.setup.bench_kernels import (
     kernel_types,
     measure_contention,
     measure_disk,
-    measure_imports,
     measure_kernels,
+    measure_server_start,
 )
 from local_ai_server.setup.bench_llm import BenchError, main, probe_llm
 from local_ai_server.setup.bench_speech import (
@@ -205,8 +205,8 @@ def run_bench(
     else:
         notes.append("contention not measured: the embedded LLM and a Piper voice must be installed")
     disk = measure_disk(probe_file)
-    startup = measure_imports()
-    log("bench.cold_start_inputs", disk_mb_s=disk["read_mb_s"], import_ms=startup["import_ms"])
+    startup = measure_server_start()
+    log("bench.cold_start_inputs", disk_mb_s=disk["read_mb_s"], port_open_ms=startup["port_open_ms"])
 
     probe_bytes = probe_file.stat().st_size
     doc: dict[str, Any] = {

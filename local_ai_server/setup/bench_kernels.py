@@ -5,8 +5,8 @@
   Q5_0 or Q8_0 tensor is priced at what Q5_0 or Q8_0 costs here, not at Q4_K's rate;
 - contention: the embedded LLM decoding while Piper speaks, as in a voice turn (on few cores they share
   them; the turn's decode is slower than the LLM's alone, by what this measures);
-- the disk's read rate (a file dropped from the page cache, read back) and the time to import the server's
-  libraries: what a cold start of the server spends before any model runs.
+- the disk's read rate (a file dropped from the page cache, read back) and the time the real server takes
+  to open its port with no models: what a cold start spends before and besides loading the models.
 Probe files are written once under cache_dir/probes (probe_typed, seconds each).
 """
 
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -35,8 +33,6 @@ DEPTH_PROBE = {"n_embd": 256, "n_ff": 512, "n_head": 4, "n_head_kv": 2, "n_vocab
 KERNEL_DECODE_TOKENS = 32
 DISK_READ_MAX_BYTES = 512 * 1024 * 1024
 DISK_CHUNK = 8 * 1024 * 1024
-# What the server imports before it loads anything (its LLM worker imports llama_cpp in parallel).
-SERVER_IMPORTS = "import local_ai_server.server, faster_whisper, piper, onnxruntime"
 
 
 def uniform_shape(name: str, kind: str, *, n_layer: int, n_embd: int, n_ff: int, n_head: int, n_head_kv: int,
@@ -59,7 +55,7 @@ def kernel_types(shapes: Iterable[LlmShape]) -> list[str]:
 def _probe_doc(shape: LlmShape, result: dict[str, Any]) -> dict[str, Any]:
     return {"n_layer": shape.n_layer, "decode_bytes": shape.decode_bytes(), "layer_params": shape.layer_params(),
             "output_bytes": shape.output_spec.nbytes,
-            **{k: result[k] for k in ("decode_tok_s", "prefill_tok_s", "ttft_ms", "load_ms", "runs")}}
+            **{k: result[k] for k in ("decode_tok_s", "prefill_tok_s", "ttft_ms", "load_ms", "runs", "cpu")}}
 
 
 def measure_kernels(types: list[str], probes_dir: Path, threads: int, log: LogFn) -> dict[str, Any]:
@@ -80,7 +76,8 @@ def measure_kernels(types: list[str], probes_dir: Path, threads: int, log: LogFn
 
 
 def _measure(shape: LlmShape, probes_dir: Path, threads: int, log: LogFn) -> dict[str, Any]:
-    path = probes_dir / f"{shape.name}.gguf"
+    # The dims are in the name: a probe cached for another size is never taken for this one.
+    path = probes_dir / f"{shape.name}-{shape.n_layer}x{shape.n_embd}x{shape.n_ff}.gguf"
     if not path.is_file() or path.stat().st_size < shape.tensor_bytes:
         build_typed_probe(shape, path, log=log)
     return probe_llm(path, threads=threads, decode_tokens=KERNEL_DECODE_TOKENS)
@@ -168,14 +165,27 @@ def measure_disk(path: Path, *, max_bytes: int = DISK_READ_MAX_BYTES) -> dict[st
             "page_cache_dropped": dropped}
 
 
-def measure_imports(*, runs: int = 2) -> dict[str, Any]:
-    """Wall time of a fresh Python importing what the server imports before it loads a model (median ms)."""
+def measure_server_start(*, runs: int = 2) -> dict[str, Any]:
+    """Milliseconds from starting the real server, with no models, until its port takes a connection.
+
+    What a start costs before any model loads (interpreter, imports, configuration): the server opens its
+    port without models (and answers 503 on /ready), so this is measured on the very code that will run.
+    """
+    import tempfile
+
+    from local_ai_server.harness import start_server
+
     times = []
     for _ in range(max(1, runs)):
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", SERVER_IMPORTS], capture_output=True, text=True, check=False,
-                              timeout=300)
-        times.append((time.perf_counter() - t0) * 1000)
-        if proc.returncode != 0:
-            raise BenchError(f"import probe failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return {"import_ms": round(statistics.median(times), 1), "runs": [round(t, 1) for t in times]}
+        with tempfile.TemporaryDirectory(prefix="bench-start-") as tmp:
+            empty = Path(tmp) / "models"
+            empty.mkdir()
+            try:
+                srv = start_server(Path(tmp), empty, wait="listening", name="bench-start", timeout=300)
+            except RuntimeError as exc:
+                raise BenchError(f"server start probe failed: {str(exc).splitlines()[0]}") from None
+            srv.stop(10, reap=True)
+            if srv.port_open_s is None:
+                raise BenchError("server start probe: the port never opened")
+            times.append(srv.port_open_s * 1000)
+    return {"port_open_ms": round(statistics.median(times), 1), "runs": [round(t, 1) for t in times]}

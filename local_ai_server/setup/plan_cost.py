@@ -92,14 +92,21 @@ class KernelRates:
     spread: float  # relative spread of the repeats (max/min - 1), the measurement's own noise
 
     @classmethod
-    def from_bench(cls, doc: Mapping[str, Any]) -> KernelRates | None:
-        """The rates in a bench document's `kernels` block; None when it has none (an older bench)."""
+    def from_bench(cls, doc: Mapping[str, Any], *, basis: str = "wall") -> KernelRates | None:
+        """The rates in a bench document's `kernels` block; None when it has none (an older bench).
+
+        `basis` "cpu": from the CPU time each probe got instead of its wall time (bench_check compares a
+        model's own CPU-time figures with these, which takes the other work on a shared machine out).
+        """
         kernels = doc.get("kernels")
         if not isinstance(kernels, Mapping):
             return None
         depth, types = kernels.get("depth"), kernels.get("types")
         if not isinstance(depth, Mapping) or len(depth) < 2 or not isinstance(types, Mapping) or not types:
             return None
+        if basis == "cpu":
+            depth = {k: _on_cpu(v) for k, v in depth.items()}
+            types = {k: _on_cpu(v) for k, v in types.items()}
         ordered = sorted(depth.values(), key=lambda d: d["n_layer"])
         shallow, deep = ordered[0], ordered[-1]
         lines = {key: Line.through(shallow["n_layer"], _ms(shallow, key), deep["n_layer"], _ms(deep, key))
@@ -153,6 +160,12 @@ class KernelRates:
         out = shape.output_spec
         first += out.nbytes / 1e6 * self.rate(self.decode_ms_per_mb, out.type)[0]
         return decode, prefill, first, every
+
+
+def _on_cpu(probe: Mapping[str, Any]) -> dict[str, Any]:
+    """A probe's figures as CPU time would give them (its `cpu` block); KeyError when it has none."""
+    cpu = probe["cpu"]
+    return dict(probe) | {k: cpu[k] for k in ("decode_tok_s", "prefill_tok_s", "ttft_ms")} | {"runs": cpu["runs"]}
 
 
 def _ms(probe: Mapping[str, Any], key: str) -> float:

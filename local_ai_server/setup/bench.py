@@ -205,7 +205,7 @@ def run_bench(
     else:
         notes.append("contention not measured: the embedded LLM and a Piper voice must be installed")
     disk = measure_disk(probe_file)
-    startup = measure_server_start()
+    startup = measure_server_start(registry=registry, models_dir=Path(models_dir), tier=REFERENCE_TIER)
     log("bench.cold_start_inputs", disk_mb_s=disk["read_mb_s"], port_open_ms=startup["port_open_ms"])
 
     probe_bytes = probe_file.stat().st_size

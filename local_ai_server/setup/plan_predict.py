@@ -125,7 +125,11 @@ def llm_figures(llm: Model, device: Device, bench: Bench | None, registry: Regis
         return LlmCost(Figure(decode, decode / (1 + SCALED_MARGIN)), Figure(prefill, prefill / (1 + SCALED_MARGIN)),
                        Figure(ttft, ttft * (1 + SCALED_MARGIN)),
                        "scaled from the probes by file size and parameters (no per-type rates in this benchmark)")
-    decode, prefill, ttft = legacy_llm(llm.file_bytes, _params_m(llm) / 1000, device, PROMPT_TOKENS)
+    # From the device's description: still by the model's real tensors where they are recorded (the bytes a
+    # token streams, the layer weights a prompt token multiplies), else by file size and parameter count.
+    nbytes = sum(llm.shape.decode_bytes().values()) if llm.shape is not None else llm.file_bytes
+    params_b = sum(llm.shape.layer_params().values()) / 1e9 if llm.shape is not None else _params_m(llm) / 1000
+    decode, prefill, ttft = legacy_llm(nbytes, params_b, device, PROMPT_TOKENS)
     margin = ASSUMED_MARGIN if "unknown GPU" not in device.sources.get("compute", "") else 2 * ASSUMED_MARGIN
     return LlmCost(Figure(decode, decode / (1 + margin)), Figure(prefill, prefill / (1 + margin)),
                    Figure(ttft, ttft * (1 + margin)), f"assumed from the {device.kind}'s description (no benchmark)")

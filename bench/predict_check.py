@@ -9,8 +9,10 @@ vocabulary, the GGML type of every tensor of the published file) at the per-type
 benchmark measured here (local_ai_server/setup/plan_cost.py). This takes every CPU tier's LLM, writes a
 file with exactly those tensors and random weights (which costs the same per token as the real weights; the
 embedded LLM is the real file), predicts its decode rate, prefill rate and time to first token with the
-installer's own cost model, then measures them with the installer's own probe (same child process, token
-counts and threads), and prints each figure's error and whether it fell inside the predicted range.
+installer's own cost model (calibrated, as the installer's is, on the TinyLlama-shaped probe and the
+embedded LLM measured beside the rates, never on the model being checked), then measures them with the
+installer's own probe (same child process, token counts and threads), and prints each figure's error and
+whether it fell inside the predicted range.
 
 Each round measures, right before each model, the rates that model needs (the depth probes and one probe
 per tensor type it uses, 20-60 s), so both sides of a comparison see about the same outside load; the
@@ -47,9 +49,10 @@ from procs import system_busy_seconds  # noqa: E402
 
 from local_ai_server.setup.bench import probe_llm  # noqa: E402
 from local_ai_server.setup.bench_cache import default_cache_dir  # noqa: E402
+from local_ai_server.setup.bench_inputs import PROBE_MODEL_ID  # noqa: E402
 from local_ai_server.setup.bench_kernels import kernel_types, measure_kernels  # noqa: E402
 from local_ai_server.setup.hardware import detect  # noqa: E402
-from local_ai_server.setup.plan_cost import KernelRates, llm_cost  # noqa: E402
+from local_ai_server.setup.plan_cost import KernelRates, calibration, llm_cost  # noqa: E402
 from local_ai_server.setup.probe_typed import build_typed_probe  # noqa: E402
 from local_ai_server.setup.registry import Model, Registry, load_registry  # noqa: E402
 from local_ai_server.setup.selection import default_models_dir, default_registry_path  # noqa: E402
@@ -128,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     def say(event: str, **fields: object) -> None:
         print(event, *(f"{k}={v}" for k, v in fields.items()), file=sys.stderr, flush=True)
 
+    # The installer calibrates its model on the LLMs its bench measures beside the rates: a TinyLlama-shaped
+    # probe and the embedded LLM. So does this, never with the model being checked.
+    references = [registry.models[m] for m in (PROBE_MODEL_ID, "smollm2-135m-instruct-q4_1") if m in registry.models]
     files: dict[str, Path] = {}
-    for _tier, model in targets:
+    for _tier, model in [*targets, *(("-", m) for m in references)]:
         real = models_dir / model.dest
         if real.is_file() and real.stat().st_size == model.file_bytes:
             files[model.id] = real
@@ -146,9 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for tier, model in targets:
             assert model.shape is not None
-            # The rates this model needs, measured right before it: both sides see about the same outside load.
+            # The rates this model and the references need, measured right before it, then the references:
+            # both sides of the comparison see about the same outside load.
+            refs = [m for m in references if m.id != model.id and m.shape is not None]
             with Outside() as out_k:
-                kernels = measure_kernels(kernel_types([model.shape]), cache_dir / "probes", threads, say)
+                kernels = measure_kernels(kernel_types([model.shape, *(m.shape for m in refs if m.shape)]),
+                                          cache_dir / "probes", threads, say)
+                ref_measured = [(m, probe_llm(files[m.id], threads=threads)) for m in refs]
             say("predict_check.measure", model=model.id, file=files[model.id].name)
             with Outside() as out_m:
                 got = probe_llm(files[model.id], threads=threads)
@@ -157,10 +167,14 @@ def main(argv: list[str] | None = None) -> int:
                                    "decode_mb_per_token": round(sum(model.shape.decode_bytes().values()) / 1e6),
                                    "outside_cores": out_m.cores, "load1": out_m.load,
                                    "kernels_outside_cores": out_k.cores, "kernels": kernels}
+            row["references"] = {m.id: {k: r[k] for k in (*FIGURES, "runs", "cpu")} for m, r in ref_measured}
             for basis, name, measured in (("wall", "figures", got), ("cpu", "cpu_figures", got["cpu"])):
                 rates = KernelRates.from_bench({"kernels": kernels}, basis=basis)
                 assert rates is not None
-                cost = llm_cost(model.shape, rates, {})
+                calib = calibration(rates, [(m.shape, r if basis == "wall" else r["cpu"])
+                                            for m, r in ref_measured if m.shape is not None])
+                row[name + "_calibration"] = {k: round(v, 3) for k, v in calib.items()}
+                cost = llm_cost(model.shape, rates, {}, calib)
                 predicted = {"decode_tok_s": cost.decode_tok_s, "prefill_tok_s": cost.prefill_tok_s,
                              "ttft_ms": cost.ttft_ms}
                 row[name] = {}

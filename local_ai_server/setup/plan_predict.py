@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from local_ai_server.setup.plan_bench import Bench
-from local_ai_server.setup.plan_cost import Figure, LlmCost, llm_cost, measured_cost, reference_errors
+from local_ai_server.setup.plan_cost import (
+    Figure,
+    LlmCost,
+    calibration,
+    llm_cost,
+    measured_cost,
+    reference_errors,
+)
 from local_ai_server.setup.plan_devices import Device
 from local_ai_server.setup.plan_legacy import legacy_llm, predict_llm
 from local_ai_server.setup.registry import Model, Registry
@@ -120,7 +127,9 @@ def llm_figures(llm: Model, device: Device, bench: Bench | None, registry: Regis
             return measured_cost(small)
         rates = bench.kernels
         if rates is not None and llm.shape is not None:
-            return llm_cost(llm.shape, rates, reference_errors(rates, _references(bench, registry)))
+            refs = _references(bench, registry)
+            calib = calibration(rates, refs)
+            return llm_cost(llm.shape, rates, reference_errors(rates, refs, calib), calib)
         decode, prefill, ttft = predict_llm(bench, llm.file_bytes, _params_m(llm) / 1000)
         return LlmCost(Figure(decode, decode / (1 + SCALED_MARGIN)), Figure(prefill, prefill / (1 + SCALED_MARGIN)),
                        Figure(ttft, ttft * (1 + SCALED_MARGIN)),

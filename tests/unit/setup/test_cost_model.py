@@ -13,7 +13,7 @@ import pytest
 from local_ai_server.setup.cli_common import expectation_lines
 from local_ai_server.setup.llm_shape import LlmShape, ShapeError, q4_k_m_more_bits, shape_from_dict
 from local_ai_server.setup.plan import Bench, cpu_device, make_plan, predict
-from local_ai_server.setup.plan_cost import KernelRates, llm_cost, measured_cost, reference_errors
+from local_ai_server.setup.plan_cost import KernelRates, calibration, llm_cost, measured_cost, reference_errors
 from local_ai_server.setup.probe_typed import block_pool
 from local_ai_server.setup.registry import Registry, load_registry
 from local_ai_server.setup.turn import compare
@@ -142,20 +142,46 @@ def test_rates_come_from_the_recorded_kernel_probes(registry: Registry) -> None:
 
 
 def test_the_recorded_predict_check_is_reproduced_and_within_its_error(registry: Registry) -> None:
-    # For each recorded round: the rates measured then, priced through today's code, give the prediction
-    # the round recorded; and every prediction was within 35 % of the measurement (a loaded 2-core box).
+    # For each recorded round (a quiet moment of the 2-core EPYC: other processes used 0.01 cores): the rates
+    # measured then, priced through today's code, give the prediction the round recorded; the three tiers
+    # whose LLM the installer models were within 10 % every round. The embedded LLM, which the installer
+    # measures instead of modelling, is the model's weak end (30 narrow layers): within 45 %.
     check = json.loads(RECORDED_CHECK.read_text())
     for rnd in check["rounds"]:
         for row in rnd["rows"]:
             rates = KernelRates.from_bench({"kernels": row["kernels"]})
             assert rates is not None
-            cost = llm_cost(shape(registry, row["model"]), rates, {})
+            refs = [(shape(registry, m), measured) for m, measured in row["references"].items()]
+            assert row["model"] not in row["references"]  # never calibrated on the model being checked
+            calib = calibration(rates, refs)
+            assert calib == pytest.approx(row["figures_calibration"], abs=0.001)
+            cost = llm_cost(shape(registry, row["model"]), rates, {}, calib)
             got = {"decode_tok_s": cost.decode_tok_s.p50, "prefill_tok_s": cost.prefill_tok_s.p50,
                    "ttft_ms": cost.ttft_ms.p50}
             for key, value in got.items():
                 fig = row["figures"][key]
                 assert value == pytest.approx(fig["predicted"], rel=0.01), (row["model"], key)
-                assert abs(value - fig["measured"]) / fig["measured"] < 0.35, (row["model"], key)
+                limit = 0.45 if row["tier"] == "embedded" else 0.10
+                assert abs(value - fig["measured"]) / fig["measured"] < limit, (row["model"], key)
+
+
+def test_the_references_calibrate_the_model(registry: Registry) -> None:
+    rates = KernelRates.from_bench(recorded_bench())
+    assert rates is not None
+    tiny = shape(registry, "tinyllama-1.1b-chat-v1.0-q4_k_m")
+    probe = recorded_bench()["probe"]
+    calib = calibration(rates, [(tiny, probe)])
+    assert set(calib) == {"decode_tok_s", "prefill_tok_s", "ttft_ms"} and all(0.5 <= v <= 2 for v in calib.values())
+    # With one reference, the calibrated model reproduces it (where the factor was not clamped to 0.5-2: this
+    # recorded bench ran on a busy machine); its residual error is what remains.
+    cost = llm_cost(tiny, rates, {}, calib)
+    got = {"decode_tok_s": cost.decode_tok_s.p50, "prefill_tok_s": cost.prefill_tok_s.p50, "ttft_ms": cost.ttft_ms.p50}
+    residual = reference_errors(rates, [(tiny, probe)], calib)
+    free = [k for k, v in calib.items() if 0.5 < v < 2]
+    assert free
+    for key in free:
+        assert got[key] == pytest.approx(probe[key], rel=1e-6) and residual[key] < 1e-6
+    assert "calibrated on the reference LLMs" in cost.how
 
 
 def test_the_embedded_llm_is_taken_as_measured(registry: Registry) -> None:

@@ -275,7 +275,9 @@ def test_run_bench_measures_then_caches(tmp_path: Path, tiny_probe: Path, regist
     assert "bench.llm" in seen and "bench.cached" not in seen
     cached_file = cache_path(cache, HW)
     assert json.loads(cached_file.read_text()) == doc
-    assert [p.name for p in cache.iterdir()] == [cached_file.name]  # no temp file left
+    # No temp file left; the kernel probes are kept (complete) for the next run.
+    assert sorted(p.name for p in cache.iterdir()) == sorted([cached_file.name, "probes"])
+    assert not list((cache / "probes").glob("*.part"))
 
     seen.clear()
     again = run_bench(hardware=HW, models_dir=empty_models, registry=registry, cache_dir=cache,

@@ -29,9 +29,7 @@ from local_ai_server.setup.probe_typed import build_typed_probe
 # a 128-token prompt is a real matrix multiplication; a small vocabulary keeps the output projection minor.
 TYPE_PROBE = {"n_layer": 4, "n_embd": 2048, "n_ff": 5632, "n_head": 16, "n_head_kv": 4, "n_vocab": 2048}
 DEPTHS = (2, 32)
-# As narrow as the small models (SmolLM2: 576 wide): what a layer of short rows costs beyond its bytes shows
-# in the overhead line, and a wide model's per-byte rates are barely touched by it.
-DEPTH_PROBE = {"n_embd": 512, "n_ff": 1536, "n_head": 8, "n_head_kv": 4, "n_vocab": 512}
+DEPTH_PROBE = {"n_embd": 256, "n_ff": 512, "n_head": 4, "n_head_kv": 2, "n_vocab": 512}
 KERNEL_DECODE_TOKENS = 32
 DISK_READ_MAX_BYTES = 512 * 1024 * 1024
 DISK_CHUNK = 8 * 1024 * 1024

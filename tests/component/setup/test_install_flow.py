@@ -74,7 +74,7 @@ def test_the_whole_pipeline(models: Path, tmp_path: Path) -> None:
     ok(cli("plan", "--hardware", str(hw), "--bench", str(bench), "--models-dir", str(models), "--offline",
            "--llama-backend", "cpu", "--out", str(plan)))
     p = doc(plan)
-    assert p["tier"] == "embedded" and p["inputs"]["bench"].startswith("two measured LLMs")
+    assert p["tier"] == "embedded" and p["inputs"]["bench"].startswith("per-type and per-layer rates measured here")
     # The embedded LLM is the very file the bench measured: its figures are measurements, the rest estimates.
     assert {"decode_tok_s", "prefill_tok_s", "ttft_ms", "stt_ms"} <= set(p["measured_here"])
     assert p["prediction_bound"]["first_audio_ms"] >= p["prediction"]["first_audio_ms"] > 0

@@ -198,7 +198,7 @@ def run_bench(
     kernels = measure_kernels(kernel_types(m.shape for m in registry.models.values() if m.shape is not None),
                               cache_dir / "probes", llm_threads, log)
     contention = None
-    small_model = _reference_llm(registry, Path(models_dir))
+    small_model = reference_llm(registry, Path(models_dir))
     if small_model is not None and tts_model is not None:
         contention = measure_contention(Path(models_dir) / small_model.dest, llm_threads,
                                         Path(models_dir) / tts_model.dest, tts_threads, log=log)
@@ -255,7 +255,7 @@ def run_bench(
     return doc
 
 
-def _reference_llm(registry: Registry, models_dir: Path) -> Model | None:
+def reference_llm(registry: Registry, models_dir: Path) -> Model | None:
     """The reference tier's LLM when it is installed."""
     tier = registry.tiers.get(REFERENCE_TIER)
     model = registry.models.get(tier.models["llm"]) if tier is not None else None
@@ -278,7 +278,7 @@ def _small_probe(registry: Registry, models_dir: Path, threads: int, notes: list
     Per-token cost is not proportional to size alone: a fixed part (threads waking up, sampling) dominates
     small models, so two probes of very different sizes let the planner fit both parts.
     """
-    model = _reference_llm(registry, models_dir)
+    model = reference_llm(registry, models_dir)
     if model is None:
         notes.append("small LLM not measured: the embedded tier's LLM is not installed; predictions scale "
                      "from the TinyLlama probe alone")

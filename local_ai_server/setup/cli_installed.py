@@ -132,7 +132,8 @@ class BenchRerun:
 
         plan = make_plan(self.registry, self.hw, tier=record.tier, bench=Bench.from_dict(doc),
                          constraints=Constraints(llama_backend=record.llama_backend)).to_dict(self.registry)
-        return dict(plan["prediction"]), dict(plan["inputs"]) | {"prediction_bound": plan["prediction_bound"]}
+        return dict(plan["prediction"]), dict(plan["inputs"]) | {"prediction_bound": plan["prediction_bound"],
+                                                                  "measured_here": plan["measured_here"]}
 
     def summary(self, doc: dict[str, Any]) -> dict[str, Any] | None:
         """The fresh benchmark as the cache now holds it."""

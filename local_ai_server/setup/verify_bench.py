@@ -99,6 +99,8 @@ def apply_to_record(doc: Mapping[str, Any], result: Mapping[str, Any], *, bench_
         rebench["previous_bench"] = doc.get("bench")
         out["expected"] = dict(result["expected"])
         out["expected_bound"] = dict((result.get("inputs") or {}).get("prediction_bound") or {})
+        # Which of the new figures the fresh benchmark measured on the very files (the rest are estimates).
+        out["measured_here"] = list((result.get("inputs") or {}).get("measured_here") or [])
         out["expected_source"] = (
             f"re-predicted by `model_setup.py verify` from a fresh benchmark, because {result['reason']}")
         out["bench"] = None if bench_summary is None else dict(bench_summary)

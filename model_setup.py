@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rebench", action="store_true",
                    help="when the turn is more than 25%% off the prediction, say so but do not re-run the "
                         "benchmark (1-2 minutes) and re-predict")
+    p.add_argument("--no-cold-start", action="store_true",
+                   help="do not time a cold start of the real server (its files dropped from the page cache) "
+                        "against the predicted warm-up")
     cache(p)
     sourcing(p)
     p.set_defaults(func=cmd_verify)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import sys
 import time
@@ -29,6 +30,13 @@ from local_ai_server.setup.bench_inputs import (
     speech_models,
 )
 from local_ai_server.setup.bench_inputs import choose_probe as _choose_probe  # the name run_bench and tests use
+from local_ai_server.setup.bench_kernels import (
+    kernel_types,
+    measure_contention,
+    measure_disk,
+    measure_kernels,
+    measure_server_start,
+)
 from local_ai_server.setup.bench_llm import BenchError, main, probe_llm
 from local_ai_server.setup.bench_speech import (
     DEFAULT_STT_MODEL,
@@ -46,7 +54,8 @@ from local_ai_server.setup.hardware import Hardware
 from local_ai_server.setup.jsonfile import write_json_atomic
 from local_ai_server.setup.plan import LLM_MAX_THREADS, STT_MAX_THREADS, TTS_MAX_THREADS, Bench, PlanError
 from local_ai_server.setup.probe import build_probe
-from local_ai_server.setup.registry import Registry
+from local_ai_server.setup.probe_typed import build_typed_probe
+from local_ai_server.setup.registry import Model, Registry
 
 # The bench's names, with those of its parts that callers import from here.
 __all__ = [
@@ -56,7 +65,8 @@ __all__ = [
 ]
 
 # Bump when what is measured or how changes: older cached results are then never reused.
-BENCH_VERSION = 2
+# 3: per-type and per-layer rates, contention with TTS, disk read rate and import time (bench_kernels).
+BENCH_VERSION = 3
 # The word error rate an STT probe may have; probe_stt and run_bench read it from here (tests patch it).
 STT_MAX_WER = 0.2
 
@@ -146,7 +156,11 @@ def run_bench(
     log("bench.start", fingerprint=fp, probe=str(probe_file), source=source)
     if source == "tinyllama-shaped-random" and not probe_file.is_file():
         started = time.monotonic()
-        build_probe(PROBE_SHAPE, probe_file, quant=PROBE_QUANT, log=log)
+        reference = registry.models.get(PROBE_MODEL_ID)
+        if reference is not None and reference.shape is not None:
+            build_typed_probe(reference.shape, probe_file, log=log)  # its recorded tensor types, in seconds
+        else:
+            build_probe(PROBE_SHAPE, probe_file, quant=PROBE_QUANT, log=log)
         log("bench.probe_built", path=str(probe_file), s=round(time.monotonic() - started, 1))
 
     llm_threads = threads or max(1, min(hardware.cpu_cores, LLM_MAX_THREADS))
@@ -181,6 +195,19 @@ def run_bench(
         tts_ms = probe_tts(Path(models_dir) / tts_model.dest, tts_threads)
         log("bench.tts", model=tts_model.id, ms=tts_ms)
 
+    kernels = measure_kernels(kernel_types(m.shape for m in registry.models.values() if m.shape is not None),
+                              cache_dir / "probes", llm_threads, log)
+    contention = None
+    small_model = reference_llm(registry, Path(models_dir))
+    if small_model is not None and tts_model is not None:
+        contention = measure_contention(Path(models_dir) / small_model.dest, llm_threads,
+                                        Path(models_dir) / tts_model.dest, tts_threads, log=log)
+    else:
+        notes.append("contention not measured: the embedded LLM and a Piper voice must be installed")
+    disk = measure_disk(probe_file)
+    startup = measure_server_start(registry=registry, models_dir=Path(models_dir), tier=REFERENCE_TIER)
+    log("bench.cold_start_inputs", disk_mb_s=disk["read_mb_s"], port_open_ms=startup["port_open_ms"])
+
     probe_bytes = probe_file.stat().st_size
     doc: dict[str, Any] = {
         "bench_version": BENCH_VERSION,
@@ -208,6 +235,11 @@ def run_bench(
         "tts_model": tts_model.id if tts_model is not None else DEFAULT_TTS_MODEL,
         "stt": stt_detail,
         "tts": None if tts_model is None else {"threads": tts_threads, "words": len(TTS_SENTENCE.split())},
+        "kernels": kernels,
+        "contention": contention,
+        "disk": disk,
+        "startup": startup,
+        "outside_load": outside_load(),
         "hardware": {"cpu_model": hardware.cpu_model, "cpu_cores": hardware.cpu_cores,
                      "cpu_threads": hardware.cpu_threads, "ram_gb": hardware.ram_gb,
                      "gpus": [g.name for g in hardware.gpus], "os": hardware.os, "arch": hardware.arch,
@@ -223,6 +255,22 @@ def run_bench(
     return doc
 
 
+def reference_llm(registry: Registry, models_dir: Path) -> Model | None:
+    """The reference tier's LLM when it is installed."""
+    tier = registry.tiers.get(REFERENCE_TIER)
+    model = registry.models.get(tier.models["llm"]) if tier is not None else None
+    return model if model is not None and is_installed(model, models_dir) else None
+
+
+def outside_load() -> dict[str, float] | None:
+    """The machine's load averages (1, 5, 15 min) as the measurement ended: other work skews every figure."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except (AttributeError, OSError):
+        return None
+    return {"load1": round(one, 2), "load5": round(five, 2), "load15": round(fifteen, 2)}
+
+
 def _small_probe(registry: Registry, models_dir: Path, threads: int, notes: list[str],
                  log: LogFn) -> dict[str, Any] | None:
     """Measure the reference tier's small LLM too when it is installed: a second point for the cost model.
@@ -230,9 +278,8 @@ def _small_probe(registry: Registry, models_dir: Path, threads: int, notes: list
     Per-token cost is not proportional to size alone: a fixed part (threads waking up, sampling) dominates
     small models, so two probes of very different sizes let the planner fit both parts.
     """
-    tier = registry.tiers.get(REFERENCE_TIER)
-    model = registry.models.get(tier.models["llm"]) if tier is not None else None
-    if model is None or not is_installed(model, models_dir):
+    model = reference_llm(registry, models_dir)
+    if model is None:
         notes.append("small LLM not measured: the embedded tier's LLM is not installed; predictions scale "
                      "from the TinyLlama probe alone")
         return None

@@ -123,6 +123,9 @@ def _probe_child(spec: dict[str, Any]) -> dict[str, Any]:
         return int(logits.argmax())  # greedy
 
     prompt, chat = tokens(prompt_n), tokens(ttft_n)
+    # CPU seconds of this process (all its threads) per phase, beside the wall time: on a machine other work
+    # shares, `cpu / threads` is the time the phase would take with the cores to itself (cpu_figures).
+    cpu: dict[str, list[float]] = {"prefill_tok_s": [], "decode_tok_s": [], "ttft_ms": []}
     # Warm-up: lazy allocations, and a broken build crashes on the first decode, not on load.
     llm.eval(prompt)
     for _ in range(4):
@@ -130,22 +133,25 @@ def _probe_child(spec: dict[str, Any]) -> dict[str, Any]:
     ttft, prefill, decode = [], [], []
     for _ in range(repeats):
         reset()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         llm.eval(chat)
         next_token()
         ttft.append((time.perf_counter() - t0) * 1000)
+        cpu["ttft_ms"].append((time.process_time() - c0) / threads * 1000)
 
         reset()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         llm.eval(prompt)
         token = next_token()
         prefill.append(prompt_n / (time.perf_counter() - t0))
+        cpu["prefill_tok_s"].append(prompt_n / max((time.process_time() - c0) / threads, 1e-9))
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(decode_n):
             llm.eval([token])
             token = next_token()
         decode.append(decode_n / (time.perf_counter() - t0))
+        cpu["decode_tok_s"].append(decode_n / max((time.process_time() - c0) / threads, 1e-9))
     return {
         "load_ms": round(load_ms, 1),
         "prefill_tok_s": round(statistics.median(prefill), 2),
@@ -154,6 +160,8 @@ def _probe_child(spec: dict[str, Any]) -> dict[str, Any]:
         "rss_mb": round(peak_rss_mb(), 1),
         "runs": {"prefill_tok_s": [round(x, 2) for x in prefill], "decode_tok_s": [round(x, 2) for x in decode],
                  "ttft_ms": [round(x, 2) for x in ttft]},
+        "cpu": {k: round(statistics.median(v), 2) for k, v in cpu.items()}
+        | {"runs": {k: [round(x, 2) for x in v] for k, v in cpu.items()}},
         "n_params": int(llama_cpp.llama_model_n_params(llm.model)),
         "model_bytes": int(llama_cpp.llama_model_size(llm.model)),
         "n_vocab": n_vocab,

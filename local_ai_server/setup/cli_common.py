@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -91,3 +92,32 @@ def mb(n: int) -> float:
     """Bytes as MB with one decimal."""
     return round(n / 1_000_000, 1)
 
+
+
+# The predicted figures as printed: key, label, unit.
+FIGURE_LABELS = (
+    ("decode_tok_s", "decode (the LLM alone)", "tok/s"),
+    ("prefill_tok_s", "prefill", "tok/s"),
+    ("ttft_ms", "first token", "ms"),
+    ("stt_ms", "STT of a 3 s question", "ms"),
+    ("tts_first_sentence_ms", "first sentence spoken", "ms"),
+    ("first_audio_ms", "first audio", "ms"),
+    ("turn_decode_tok_s", "decode during a voice turn", "tok/s"),
+    ("voice_turn_ms", "voice turn", "ms"),
+    ("ready_ms", "cold start to /ready", "ms"),
+)
+
+
+def expectation_lines(expected: Mapping[str, Any], bound: Mapping[str, Any] | None,
+                      measured: Sequence[str] = ()) -> list[str]:
+    """One line per figure: its p50, the pessimistic end of its range, and whether it was measured here."""
+    lines = []
+    for key, label, unit in FIGURE_LABELS:
+        if key not in expected:
+            continue
+        p50 = float(expected[key])
+        worst = None if not bound or key not in bound else float(bound[key])
+        text = f"{p50:g} {unit}" + ("" if worst is None or worst == p50 else f" (at worst {worst:g})")
+        origin = "measured here" if key in measured else "estimate"
+        lines.append(f"{label + ':':<29}{text:<32}{origin}")
+    return lines

@@ -113,6 +113,10 @@ def record_doc(registry: Registry, tier: Tier, plan_doc: dict[str, Any]) -> dict
         "models": {role: {"id": m.id, "display": m.display} for role, m in models.items()},
         "turn": plan_doc.get("turn", {}),
         "expected": row["prediction"],
+        # The pessimistic end of each range, which figures were measured here, and how each was got.
+        "expected_bound": row.get("prediction_bound") or {},
+        "measured_here": plan_doc.get("measured_here", []) if tier.name == plan_doc.get("tier") else [],
+        "how": plan_doc.get("how", {}) if tier.name == plan_doc.get("tier") else {},
         "expected_source": source,
         "prediction_inputs": inputs,
         "settings": settings,

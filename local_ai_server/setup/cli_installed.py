@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from local_ai_server.setup.bench_cache import BenchChoice, bench_summary, cached_or_none, default_cache_dir
-from local_ai_server.setup.cli_common import args_models_dir, args_registry, emit
+from local_ai_server.setup.cli_common import args_models_dir, args_registry, emit, expectation_lines
 from local_ai_server.setup.fetch import verify_tier
 from local_ai_server.setup.hardware import Hardware, detect
 from local_ai_server.setup.installation import InstallRecord, now_iso, read_record, record_path, write_record
@@ -57,6 +57,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
                                 f"registry tier {tier} has {want.id} at {want.dest}")
     files = registry.tier_files(tier)
     problems += verify_tier(registry, tier, models_dir)
+    llm = registry.tier_models(tier)["llm"]
+    mismatches: list[str] = []
+    if not problems and llm.shape is not None:
+        # The registry's tensor facts priced this tier: check them against the installed file itself. A
+        # mismatch leaves the server working, but its predictions were made for another file: said, not fatal.
+        from local_ai_server.setup.llm_shape import file_mismatches
+
+        mismatches = file_mismatches(llm.shape, models_dir / llm.dest)
+        for line in mismatches[:5]:
+            print(f"warning: registry.json's architecture of {llm.id} does not match the file: {line}",
+                  file=sys.stderr)
     if not args.json:
         for problem in problems:
             print(problem)
@@ -68,10 +79,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
             registry=registry, hw=detect(models_dir), models_dir=models_dir,
             cache_dir=Path(args.cache_dir or default_cache_dir()).expanduser().absolute(), offline=args.offline,
             mirror=args.mirror, stream=sys.stderr if args.json else sys.stdout)
-        turn = verify_turn(models_dir, selection, quiet=args.json, rebench=rebench)
+        turn = verify_turn(models_dir, selection, quiet=args.json, rebench=rebench,
+                           cold_start_files=None if args.no_cold_start else [models_dir / f.path for f in files])
     if args.json:
         emit({"ok": not problems, "tier": tier, "models_dir": str(models_dir), "files": len(files),
-               "problems": problems, "turn": turn})
+               "problems": problems, "architecture_mismatches": mismatches, "turn": turn})
     if problems:
         print(f"error: {len(problems)} problem(s) with tier {tier} in {models_dir}; "
               "re-run `model_setup.py download` to repair", file=sys.stderr)
@@ -120,7 +132,8 @@ class BenchRerun:
 
         plan = make_plan(self.registry, self.hw, tier=record.tier, bench=Bench.from_dict(doc),
                          constraints=Constraints(llama_backend=record.llama_backend)).to_dict(self.registry)
-        return dict(plan["prediction"]), dict(plan["inputs"])
+        return dict(plan["prediction"]), dict(plan["inputs"]) | {"prediction_bound": plan["prediction_bound"],
+                                                                  "measured_here": plan["measured_here"]}
 
     def summary(self, doc: dict[str, Any]) -> dict[str, Any] | None:
         """The fresh benchmark as the cache now holds it."""
@@ -128,8 +141,10 @@ class BenchRerun:
         return bench_summary(choice if choice.doc == doc else BenchChoice("file", doc=doc))
 
 
-def verify_turn(models_dir: Path, selection: Any, *, quiet: bool, rebench: Rerun | None = None) -> dict[str, Any]:
-    """Run one voice turn on the selected models; compare with install.json and record the result there.
+def verify_turn(models_dir: Path, selection: Any, *, quiet: bool, rebench: Rerun | None = None,
+                cold_start_files: list[Path] | None = None) -> dict[str, Any]:
+    """Run one voice turn on the selected models, then (unless `cold_start_files` is None) a cold start of the
+    real server; compare both with install.json and record the result there.
 
     More than 25 % off the prediction, `rebench` (unless None: --no-rebench) measures the machine again once
     and the prediction is recomputed from it (verify_bench.recheck).
@@ -158,18 +173,33 @@ def verify_turn(models_dir: Path, selection: Any, *, quiet: bool, rebench: Rerun
     measured = result.figures()
     say(f"  heard: {result.transcript!r}")
     say(f"  answered: {result.answer[:120]!r}")
+    cold: dict[str, Any] | None = None
+    if cold_start_files is not None:
+        from local_ai_server.setup.cold_start import measure_cold_start
+
+        say("verify: a cold start of the server (its model files dropped from the page cache) until /ready")
+        cold = measure_cold_start(models_dir, cold_start_files)
+        if cold["ready_ms"] is not None:
+            measured["ready_ms"] = cold["ready_ms"]
+        still = cold["still_cached_mb"]
+        say(f"  port open after {cold['port_open_ms']} ms, /ready after {cold['ready_ms']} ms"
+            + ("" if cold["page_cache_dropped"] else " (the page cache could not be dropped: a warm start)")
+            + (f" ({still:g} of {cold['files_mb']:g} MB stayed cached: other processes map these files, so "
+               "the start was partly warm)" if still else ""))
     out: dict[str, Any] = {"measured": measured, "transcript": result.transcript, "answer": result.answer,
-                           "comparison": None}
+                           "comparison": None, "cold_start": cold}
     if record is None or record.tier != selection.tier:
         say("  measured: " + ", ".join(f"{k} {v:g}" for k, v in measured.items()))
         say("  no installation record for this tier (install.json): nothing to compare with; run ./install.sh")
         return out
-    rows = compare(measured, record.expected)
+    bound = record.doc.get("expected_bound")
+    rows = compare(measured, record.expected, bound if isinstance(bound, Mapping) else None)
     out["comparison"] = rows
     for line in describe_comparison(rows):
         say("  " + line)
     doc = dict(record.doc)
-    doc["measured"] = {"at": now_iso(), "figures": measured, "comparison": rows, "transcript": result.transcript}
+    doc["measured"] = {"at": now_iso(), "figures": measured, "comparison": rows, "transcript": result.transcript,
+                       "cold_start": cold}
     if rebench is not None:
         rerun = rebench
         checked = recheck(measured, rows, record.expected, run_bench=lambda: rerun.run(record),
@@ -215,7 +245,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
     print(f"  expected here: first audio {e.get('first_audio_ms', 0):.0f} ms after the end of speech is detected, "
           f"a {answer_tokens}-token answer done in {e.get('voice_turn_ms', 0):.0f} ms; "
           f"decode {e.get('decode_tok_s', 0):g} tok/s, first token {e.get('ttft_ms', 0):.0f} ms, "
-          f"STT {e.get('stt_ms', 0):.0f} ms")
+          f"STT {e.get('stt_ms', 0):.0f} ms" + (f"; ready {e['ready_ms'] / 1000:.1f} s after a cold start"
+                                                 if e.get("ready_ms") else ""))
+    bound = record.doc.get("expected_bound")
+    measured_here = record.doc.get("measured_here")
+    for line in expectation_lines(e, bound if isinstance(bound, Mapping) else None,
+                                  measured_here if isinstance(measured_here, list) else []):
+        print(f"    {line}")
     print(f"  source: {record.expected_source}")
     rebench = record.doc.get("rebench")
     if isinstance(rebench, Mapping):

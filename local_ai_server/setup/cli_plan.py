@@ -14,6 +14,7 @@ from local_ai_server.setup.cli_common import (
     args_models_dir,
     args_registry,
     emit,
+    expectation_lines,
     line_logger,
     mb,
     save,
@@ -134,17 +135,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"benchmark: {choice.describe()}", file=sys.stderr)
         emit(doc)
         return 0
-    pred = doc["prediction"]
     print(f"tier {plan.tier} (LLM on {doc['llm_device']})")
     for line in plan.why:
         print(f"  {line}")
     for role, m in doc["models"].items():
         params = f", {m['params_b']:g}B params" if m["params_b"] else ""
         print(f"  {role}: {m['display']} ({mb(m['size_bytes'])} MB{params})")
-    print(f"  predicted: decode {pred['decode_tok_s']} tok/s, prefill {pred['prefill_tok_s']} tok/s, "
-          f"STT {pred['stt_ms']} ms, first token {pred['ttft_ms']} ms, first audio {pred['first_audio_ms']} ms, "
-          f"voice turn ({doc['turn']['question_words']}-word question, {doc['turn']['answer_tokens']}-token answer) "
-          f"{pred['voice_turn_ms']} ms")
+    print(f"  predicted here (p50, and the pessimistic end of the range the tier was chosen by), for a "
+          f"{doc['turn']['question_words']}-word question and a {doc['turn']['answer_tokens']}-token answer:")
+    for line in expectation_lines(doc["prediction"], doc["prediction_bound"], doc["measured_here"]):
+        print(f"    {line}")
+    for key, value in doc["how"].items():
+        print(f"    {key}: {value}")
     print(f"  benchmark: {choice.describe()}")
     print(f"  inputs: bench: {doc['inputs']['bench']}")
     for key, value in doc["inputs"]["device"].items():
@@ -206,8 +208,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"  requirements: {reqs}")
         a = predicted[t.name]
         p = a.prediction.to_dict()
-        print(f"  here ({a.device.kind}): decode {p['decode_tok_s']} tok/s, prefill {p['prefill_tok_s']} tok/s, "
-              f"first audio {p['first_audio_ms']} ms, voice turn {p['voice_turn_ms']} ms"
+        w = a.prediction.bounds_dict()
+        print(f"  here ({a.device.kind}): decode {p['decode_tok_s']} tok/s (at worst {w.get('decode_tok_s')}), "
+              f"prefill {p['prefill_tok_s']} tok/s, first audio {p['first_audio_ms']} ms (at worst "
+              f"{w.get('first_audio_ms')}), voice turn {p['voice_turn_ms']} ms, cold start {p.get('ready_ms')} ms"
               + ("" if a.fits and a.meets_targets else f" [{'; '.join(a.reasons)}]"))
         for role, model_id in t.models.items():
             m = registry.models[model_id]

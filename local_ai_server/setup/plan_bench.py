@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from local_ai_server.setup.plan_cost import KernelRates
 from local_ai_server.setup.registry import RegistryError
 
 
@@ -58,6 +59,18 @@ class Bench:
     # A second, much smaller LLM measured the same way: with two points the per-token cost is fitted as
     # a fixed part plus a part proportional to size, instead of assumed proportional.
     small: ProbePoint | None = None
+    # The full document (bench_kernels' blocks: kernels, contention, disk, startup), for the cost model.
+    doc: Mapping[str, Any] | None = None
+
+    @property
+    def kernels(self) -> KernelRates | None:
+        """The per-layer and per-type rates, when the bench measured them (bench version 3 and later)."""
+        return None if self.doc is None else KernelRates.from_bench(self.doc)
+
+    def block(self, name: str) -> Mapping[str, Any]:
+        """One of the document's measurement blocks (contention, disk, startup), or an empty one."""
+        value = None if self.doc is None else self.doc.get(name)
+        return value if isinstance(value, Mapping) else {}
 
     @property
     def points(self) -> tuple[ProbePoint, ...]:
@@ -92,7 +105,21 @@ class Bench:
             tts_words=_words(doc.get("tts")),
             small=ProbePoint.from_dict(doc["small_probe"], "small_probe")
             if isinstance(doc.get("small_probe"), Mapping) else None,
+            doc=_checked(doc),
         )
+
+
+def _checked(doc: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`doc` once its kernel block (when there is one) gives usable rates; PlanError naming what is broken."""
+    if "kernels" in doc:
+        try:
+            KernelRates.from_bench(doc)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+            raise PlanError(f"bench kernels block is unusable: {type(exc).__name__}: {exc}") from None
+    for name in ("contention", "disk", "startup"):
+        if name in doc and doc[name] is not None and not isinstance(doc[name], Mapping):
+            raise PlanError(f"bench {name} must be an object")
+    return doc
 
 
 def _words(tts: Any) -> int | None:

@@ -12,6 +12,7 @@ from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Any
 
+from local_ai_server.setup.llm_shape import ShapeError, shape_from_dict
 from local_ai_server.setup.registry_model import (
     HF_RESOLVE_RE,
     OPTIONAL_ROLES,
@@ -52,6 +53,7 @@ _TIER_KEYS = {"description", "requirements", "models"}
 _TIER_OPTIONAL = {"rank"}
 _MODEL_REQUIRED = {"id", "role", "display", "license", "dest", "files"}
 _MODEL_OPTIONAL = {
+    "architecture",
     "params_b",
     "sha256_source",
     "format",
@@ -65,7 +67,7 @@ _MODEL_OPTIONAL = {
     "notes",
 }
 _OPT_INT = ("sample_rate_hz", "context_length")
-_OPT_STR = tuple(sorted(_MODEL_OPTIONAL - set(_OPT_INT) - {"params_b"}))
+_OPT_STR = tuple(sorted(_MODEL_OPTIONAL - set(_OPT_INT) - {"params_b", "architecture"}))
 _FILE_KEYS = {"path", "size_bytes", "sha256", "sources"}
 _FILE_OPTIONAL = {"verify"}
 _URL_KEYS = {"kind", "url"}
@@ -204,6 +206,14 @@ def _model(key: str, raw: Any) -> Model:
     if params_b is not None and (isinstance(params_b, bool) or not isinstance(params_b, (int, float))
                                  or params_b <= 0):
         raise _Invalid(f"{where}.params_b must be a positive number (billions of parameters), got {params_b!r}")
+    shape = None
+    if "architecture" in obj:
+        if role != "llm" or opt_str.get("format") != "gguf":
+            raise _Invalid(f"{where}.architecture describes a GGUF LLM; this is a {role} model")
+        try:
+            shape = shape_from_dict(model_id, obj["architecture"])
+        except ShapeError as exc:
+            raise _Invalid(f"{where}.architecture: {exc}") from None
     return Model(
         id=model_id,
         role=role,
@@ -222,6 +232,7 @@ def _model(key: str, raw: Any) -> Model:
         notes=opt_str.get("notes"),
         params_b=None if params_b is None else float(params_b),
         sha256_source=opt_str.get("sha256_source"),
+        shape=shape,
     )
 
 

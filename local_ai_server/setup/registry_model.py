@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
+from local_ai_server.setup.llm_shape import LlmShape
+
 ROLES: tuple[str, ...] = ("stt", "llm", "tts")
 # Roles a tier may add: small helper models (the turn detector) that every role above works without.
 OPTIONAL_ROLES: tuple[str, ...] = ("turn",)
@@ -118,6 +120,8 @@ class Model:
     notes: str | None = None
     params_b: float | None = None
     sha256_source: str | None = None
+    # An LLM's layers, widths, vocabulary and the tensor types of its file: what its per-token cost depends on.
+    shape: LlmShape | None = None
 
     @property
     def size_bytes(self) -> int:

@@ -27,8 +27,10 @@ QUESTIONS = (
     "Can you name three famous old buildings in London?",
 )
 ANSWER_TOKENS = 30  # plan.ANSWER_TOKENS
-# The figures both sides have; the rest of a prediction is not measurable in one turn.
-COMPARED = ("stt_ms", "ttft_ms", "decode_tok_s", "tts_first_sentence_ms", "first_audio_ms", "voice_turn_ms")
+# The figures both sides have; the rest of a prediction is not measurable in one turn. The decode rate a turn
+# measures is the LLM's while the first sentence is spoken beside it: the prediction's turn_decode_tok_s.
+COMPARED = ("stt_ms", "ttft_ms", "turn_decode_tok_s", "tts_first_sentence_ms", "first_audio_ms", "voice_turn_ms",
+            "ready_ms")
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class TurnResult:
         return {
             "stt_ms": round(self.stt_ms),
             "ttft_ms": round(self.ttft_ms),
-            "decode_tok_s": round(self.decode_tok_s, 1),
+            "turn_decode_tok_s": round(self.decode_tok_s, 1),
             "tts_first_sentence_ms": round(self.tts_first_sentence_ms),
             "first_audio_ms": round(self.first_audio_ms),
             "voice_turn_ms": round(self.voice_turn_ms),
@@ -205,15 +207,22 @@ class _Stopwatch:
         self.errors.append(str(getattr(err, "message", err)))
 
 
-def compare(measured: Mapping[str, float], expected: Mapping[str, float]) -> dict[str, dict[str, Any]]:
-    """Per figure: expected, measured and the prediction's error in percent of the measured value."""
+def compare(measured: Mapping[str, float], expected: Mapping[str, float],
+            bound: Mapping[str, float] | None = None) -> dict[str, dict[str, Any]]:
+    """Per figure: expected (and its pessimistic bound), measured, the error in percent of the measured value,
+    and whether the measurement fell within the promised range (no worse than the bound)."""
     out: dict[str, dict[str, Any]] = {}
     for key in COMPARED:
         if key not in measured or key not in expected:
             continue
         m, e = float(measured[key]), float(expected[key])
         error = None if m == 0 else round((e - m) / m * 100, 1)
-        out[key] = {"expected": e, "measured": m, "error_pct": error}
+        row: dict[str, Any] = {"expected": e, "measured": m, "error_pct": error}
+        if bound and key in bound:
+            b = float(bound[key])
+            row["bound"] = b
+            row["within_bound"] = m >= b if key.endswith("tok_s") else m <= b
+        out[key] = row
     return out
 
 
@@ -228,5 +237,9 @@ def describe_comparison(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
             verdict = f"prediction within {abs(err):.0f}%"
         else:
             verdict = f"prediction {'too high' if err > 0 else 'too low'} by {abs(err):.0f}%"
-        lines.append(f"{key}: expected {row['expected']:g}, measured {row['measured']:g} ({verdict})")
+        if "bound" in row:
+            verdict += ("; within the promised range" if row["within_bound"] else
+                        "; worse than even the pessimistic bound")
+        bound = f" (at worst {row['bound']:g})" if "bound" in row else ""
+        lines.append(f"{key}: expected {row['expected']:g}{bound}, measured {row['measured']:g} ({verdict})")
     return lines

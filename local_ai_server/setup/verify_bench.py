@@ -20,7 +20,7 @@ from local_ai_server.setup.registry import SetupError
 REBENCH_FIGURE = "voice_turn_ms"
 REBENCH_OFF_PCT = 25.0
 # The figures both predictions are printed with.
-SHOWN = ("first_audio_ms", "voice_turn_ms", "decode_tok_s", "ttft_ms", "stt_ms")
+SHOWN = ("first_audio_ms", "voice_turn_ms", "decode_tok_s", "turn_decode_tok_s", "ttft_ms", "stt_ms", "ready_ms")
 
 RunBench = Callable[[], dict[str, Any]]  # measures afresh, writes this fingerprint's cache, returns the document
 # A bench document -> (the installed tier's prediction, the plan inputs it came from).
@@ -98,6 +98,9 @@ def apply_to_record(doc: Mapping[str, Any], result: Mapping[str, Any], *, bench_
         rebench["previous_source"] = doc.get("expected_source")
         rebench["previous_bench"] = doc.get("bench")
         out["expected"] = dict(result["expected"])
+        out["expected_bound"] = dict((result.get("inputs") or {}).get("prediction_bound") or {})
+        # Which of the new figures the fresh benchmark measured on the very files (the rest are estimates).
+        out["measured_here"] = list((result.get("inputs") or {}).get("measured_here") or [])
         out["expected_source"] = (
             f"re-predicted by `model_setup.py verify` from a fresh benchmark, because {result['reason']}")
         out["bench"] = None if bench_summary is None else dict(bench_summary)

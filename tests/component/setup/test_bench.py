@@ -13,6 +13,7 @@ import llama_cpp  # noqa: E402 - installed by install.sh
 import pytest
 
 from local_ai_server.setup import bench as bench_mod
+from local_ai_server.setup import bench_kernels
 from local_ai_server.setup.bench import (
     BENCH_VERSION,
     PROBE_MODEL_ID,
@@ -42,6 +43,14 @@ from local_ai_server.setup.selection import default_models_dir, default_registry
 
 HW = Hardware(cpu_model="Test CPU", cpu_cores=2, cpu_threads=2, cpu_flags=("avx2", "fma"), ram_gb=23.5,
               gpus=(), os="linux", arch="x86_64", disk_free_gb=50.0)
+
+
+@pytest.fixture(autouse=True)
+def small_kernel_probes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench's per-type and depth probes at a test's size: what they measure is checked, not how fast."""
+    monkeypatch.setattr(bench_kernels, "TYPE_PROBE", {"n_layer": 2, "n_embd": 256, "n_ff": 512, "n_head": 4,
+                                                      "n_head_kv": 2, "n_vocab": 512})
+    monkeypatch.setattr(bench_kernels, "DEPTHS", (1, 4))
 
 
 @pytest.fixture(scope="module")
@@ -256,14 +265,19 @@ def test_run_bench_measures_then_caches(tmp_path: Path, tiny_probe: Path, regist
     bench = Bench.from_dict(doc)
     assert bench.file_bytes == tiny_probe.stat().st_size
     assert bench.params_b == pytest.approx(TEST_TINY.params / 1e9, rel=1e-3)
-    assert doc["stt_ms"] is None and doc["tts_ms"] is None and doc["small_probe"] is None and len(doc["notes"]) == 3
+    assert doc["stt_ms"] is None and doc["tts_ms"] is None and doc["small_probe"] is None and len(doc["notes"]) == 4
+    assert doc["contention"] is None  # no embedded LLM and voice to measure it with (a note says so)
+    assert set(doc["kernels"]["types"]) >= {"Q4_K", "Q6_K", "Q5_0", "Q8_0", "Q4_1"}  # every type the registry uses
+    assert bench.kernels is not None and doc["disk"]["read_mb_s"] > 0 and doc["startup"]["port_open_ms"] > 0
     assert doc["fingerprint"] == fingerprint(HW) and doc["bench_version"] == BENCH_VERSION
     assert doc["probe"]["source"] == "given-file" and doc["probe"]["path"] == str(tiny_probe)
     assert doc["probe"]["threads"] == 2
     assert "bench.llm" in seen and "bench.cached" not in seen
     cached_file = cache_path(cache, HW)
     assert json.loads(cached_file.read_text()) == doc
-    assert [p.name for p in cache.iterdir()] == [cached_file.name]  # no temp file left
+    # No temp file left; the kernel probes are kept (complete) for the next run.
+    assert sorted(p.name for p in cache.iterdir()) == sorted([cached_file.name, "probes"])
+    assert not list((cache / "probes").glob("*.part"))
 
     seen.clear()
     again = run_bench(hardware=HW, models_dir=empty_models, registry=registry, cache_dir=cache,
@@ -314,6 +328,10 @@ def test_run_bench_with_embedded_speech_models(tmp_path: Path, tiny_probe: Path,
     assert bench.tts_ms is not None and bench.tts_ms > 0
     assert doc["stt_model"] == "whisper-tiny.en" and doc["tts_model"] == "piper-en_US-joe-medium"
     assert doc["stt"]["wer"] <= 0.1 and doc["notes"] == []
+    # The embedded LLM decoding while Piper speaks: both measured, the ratios the turn prediction applies.
+    c = doc["contention"]
+    assert c["decode_tok_s_alone"] > 0 and c["decode_tok_s_with_tts"] > 0 and c["tts_runs_with_llm"] >= 1
+    assert c["decode_factor"] == round(c["decode_tok_s_with_tts"] / c["decode_tok_s_alone"], 3)
 
 
 def test_fingerprint_is_stable_and_sensitive() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import model_setup
-from local_ai_server.setup.bench import cache_path, fingerprint
+from local_ai_server.setup.bench import BENCH_VERSION, cache_path, fingerprint
 from local_ai_server.setup.bench_cache import load_cached
 from local_ai_server.setup.hardware import Hardware, detect
 from local_ai_server.setup.installation import write_record
@@ -42,7 +42,7 @@ def cache_for(cache: Path, hw: Hardware, doc: dict[str, Any]) -> Path:
     checkout's llama.cpp and engines, so a recorded document is re-keyed to it)."""
     path = cache_path(cache, hw)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc | {"fingerprint": fingerprint(hw)}))
+    path.write_text(json.dumps(doc | {"fingerprint": fingerprint(hw), "bench_version": BENCH_VERSION}))
     return path
 
 

@@ -190,7 +190,10 @@ def test_cli_plan_fixture_machine_and_bench(tmp_path: Path) -> None:
     assert doc["tier"] == "HEAVY_CPU" and doc["requested"] == "HEAVY"
     assert doc["inputs"]["bench"].startswith("measured")
     text = run_cli("plan", "--hardware", str(hw_file))
-    assert text.returncode == 0 and "tier MEDIUM_CPU" in text.stdout and "predicted: decode" in text.stdout
+    # Without a benchmark the ranges are wide, and a tier must meet its targets at their pessimistic end:
+    # MEDIUM_CPU's p50 would (decode ~13 tok/s), its worst case (~9) would not.
+    assert text.returncode == 0 and "tier LIGHT_CPU" in text.stdout and "not MEDIUM_CPU" in text.stdout
+    assert "decode (the LLM alone):" in text.stdout and "(at worst" in text.stdout and "estimate" in text.stdout
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 
 from procs import _CHILDREN, with_cpu_share  # noqa: E402
 from speech import Client  # noqa: E402
-from stats import histogram_quantile, rnd, summary  # noqa: E402
+from stats import histogram_buckets, histogram_quantile, rnd, summary  # noqa: E402
 from workload import BARE_N_CTX, LONG_CONTEXT, LONG_PROMPT, LONG_SYSTEM, PAIR_REST_S, TTS_SENTENCES, T  # noqa: E402
 
 from local_ai_server.harness import ServerProc as Server  # noqa: E402
@@ -309,11 +309,21 @@ class BareLlm:
 
 
 async def loop_lag_window(srv: Server, body: Callable[[], Awaitable[T]]) -> tuple[T, dict[str, Any]]:
-    """Run `body` between two /metrics scrapes; the loop-lag histogram's p99 over that window."""
+    """Run `body` between two /metrics scrapes; the loop-lag histogram's p99 over that window.
+
+    Also how many samples went over 5 and over 10 ms: with a few hundred samples, that tells 5 from 10 ms
+    where the p99 bucket alone would move with a single slow wake-up.
+    """
     before = parse_metrics(await asyncio.to_thread(srv.metrics))
     result = await body()
     after = parse_metrics(await asyncio.to_thread(srv.metrics))
-    return result, histogram_quantile(before, after, "las_event_loop_lag_seconds", 0.99)
+    lag = histogram_quantile(before, after, "las_event_loop_lag_seconds", 0.99)
+    was = dict(histogram_buckets(before, "las_event_loop_lag_seconds"))
+    now = dict(histogram_buckets(after, "las_event_loop_lag_seconds"))
+    total = now.get(float("inf"), 0.0) - was.get(float("inf"), 0.0)
+    for bound in (0.005, 0.01):
+        lag[f"over_{bound * 1000:g}ms"] = int(total - (now.get(bound, 0.0) - was.get(bound, 0.0)))
+    return result, lag
 
 
 async def measure_reload_lag(srv: Server, reloads: int) -> dict[str, Any]:

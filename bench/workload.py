@@ -109,8 +109,8 @@ def make_plan(quick: bool, turns: int | None) -> Plan:
     if quick:
         return Plan(quick=True, v2fa_turns=max(10, turns or 10), turns_per_connection=4,
                     status_idle_samples=60, status_llm_samples=200, idle_connections=100, stt_samples=3,
-                    tts_samples=5, reloads=4,
+                    tts_samples=5, reloads=10,
                     rate_runs=4, rate_token_cap=400, stt_sessions=False, stt_session_utterances=2)
     return Plan(quick=False, v2fa_turns=max(20, turns or 24), turns_per_connection=4, status_idle_samples=100,
-                status_llm_samples=400, idle_connections=100, stt_samples=8, tts_samples=12, reloads=8,
+                status_llm_samples=400, idle_connections=100, stt_samples=8, tts_samples=12, reloads=20,
                 rate_runs=10, rate_token_cap=800, stt_sessions=True, stt_session_utterances=2)

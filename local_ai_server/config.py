@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .admission import default_max_calls
 from .wyoming_uri import WyomingUri, parse_uri
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -130,6 +131,8 @@ class ServerConfig:
     # Bytes a client that does not read may make the server hold for it (replies queued + socket buffer).
     send_buffer_bytes: int = 32 * 1024 * 1024
     max_inflight_requests: int = 8
+    # Calls in progress the box takes (admission.py); 0: no limit. from_env derives it from the cores.
+    max_calls: int = 0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     allowed_origins: tuple[str, ...] = ()
@@ -318,6 +321,7 @@ def from_env(
         send_queue_max=_int(env, "LOCAL_WS_SEND_QUEUE_MAX", 512, 16),
         send_buffer_bytes=_int(env, "LOCAL_WS_SEND_BUFFER_BYTES", 32 * 1024 * 1024, 64 * 1024),
         max_inflight_requests=_int(env, "LOCAL_WS_MAX_INFLIGHT", 8, 1),
+        max_calls=_int(env, "LOCAL_MAX_CALLS", default_max_calls(cpu_count()), 0),
         tls_cert=_path(env, "LOCAL_WS_TLS_CERT"),
         tls_key=_path(env, "LOCAL_WS_TLS_KEY"),
         allowed_origins=tuple(o.strip() for o in (_get(env, "LOCAL_WS_ALLOWED_ORIGINS") or "").split(",")

@@ -8,11 +8,16 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+import structlog
+
+from .admission import Admission
 from .config import ServerConfig
 from .errors import Busy, RequestId
 from .metrics import Metrics
 from .runtime import Engines
 from .tasks import ErrorHandler, TaskOwner
+
+log = structlog.get_logger(__name__)
 
 
 class Hub:
@@ -25,6 +30,7 @@ class Hub:
         # The server's own background work (model loading, probes of itself, model switches).
         self.tasks = TaskOwner("server")
         self.calls = 0  # connections open now
+        self.admission = Admission(cfg.max_calls)  # calls in progress, against LOCAL_MAX_CALLS
         # Set on SIGTERM: /ready says "draining" and new connections are refused while the calls end.
         self.draining = False
         self.started = time.monotonic()
@@ -38,6 +44,23 @@ class Hub:
     def uptime(self) -> float:
         """Seconds since start."""
         return round(time.monotonic() - self.started, 1)
+
+    def admit(self, session_id: int, front: str) -> bool:
+        """Count the session's call in (True), or refuse it because the box is full (False, counted)."""
+        if self.admission.admitted(session_id):
+            return True
+        if not self.admission.admit(session_id):
+            self.metrics.calls_refused.labels(front).inc()
+            log.warning("call.refused_full", session=session_id, front=front, calls=self.admission.active,
+                        max_calls=self.admission.max_calls)
+            return False
+        self.metrics.calls_active.set(self.admission.active)
+        return True
+
+    def release(self, session_id: int) -> None:
+        """The session's call ended: its place is free."""
+        self.admission.release(session_id)
+        self.metrics.calls_active.set(self.admission.active)
 
     def admin(self, coro: Coroutine[Any, Any, None], name: str, request_id: RequestId,
               on_error: ErrorHandler) -> None:

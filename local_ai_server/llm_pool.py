@@ -158,10 +158,14 @@ class LlmPool(Scheduler):
         )
         w.proc, w.conn = proc, parent_conn
         w.ready_future = self._loop.create_future()
-        # Process.start() forks a spawn helper and can stall the loop for tens of ms.
-        await self._loop.run_in_executor(None, proc.start)
+        def start() -> None:
+            proc.start()
+            # Thread.start() waits until the new thread runs: on a busy machine, a wait for a core.
+            threading.Thread(target=self._reader, args=(w,), daemon=True, name=f"llm-reader-{w.index}").start()
+
+        # Process.start() forks a spawn helper and can stall the loop for tens of ms: both off the loop.
+        await self._loop.run_in_executor(None, start)
         child_conn.close()
-        threading.Thread(target=self._reader, args=(w,), daemon=True, name=f"llm-reader-{w.index}").start()
         error = await w.ready_future
         log.info("llm.worker_started", worker=w.index, pid=proc.pid, ok=error is None, error=error)
         return error

@@ -6,9 +6,12 @@ the worker only), a scripted stand-in in the unit tests, which then run the real
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
@@ -29,6 +32,10 @@ FAST_PHASE_S = 1.0
 # A worker idle this long hands its freed heap back to the OS (glibc keeps it otherwise); back-to-back
 # requests never wait for the trim.
 IDLE_TRIM_S = 1.0
+# A worker loads and warms up its model this much nicer than the server (in a thread of its own), then
+# serves at the server's priority: a reload or a replacement worker takes only CPU the calls being served
+# leave, and the server's event loop is not kept waiting for a core on a small machine.
+LOAD_NICE = 10
 
 
 class Engine(Protocol):
@@ -61,6 +68,38 @@ def llama_engine(model_path: Path, params: LlmParams) -> Engine:
     return LlamaEngine(model_path, params)
 
 
+def _load(engine_factory: EngineFactory, source: Path, params: LlmParams) -> Engine:
+    """Load and warm up the model in a thread of its own at LOAD_NICE (Linux: a thread's nice is its own).
+
+    Elsewhere the nice value is the whole process's and could not be lowered back, so the model loads at
+    normal priority in the calling thread.
+    """
+    if not sys.platform.startswith("linux"):
+        engine = engine_factory(source, params)
+        engine.warm_up()
+        return engine
+    loaded: list[Engine] = []
+    failed: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            with contextlib.suppress(OSError):  # a nice value at its ceiling already: load as it is
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                               os.getpriority(os.PRIO_PROCESS, 0) + LOAD_NICE)
+            engine = engine_factory(source, params)
+            engine.warm_up()
+            loaded.append(engine)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the worker's main thread
+            failed.append(exc)
+
+    loader = threading.Thread(target=load, name="llm-load")
+    loader.start()
+    loader.join()
+    if failed:
+        raise failed[0]
+    return loaded[0]
+
+
 def serve(
     conn: Connection,
     model_path: str | None,
@@ -82,9 +121,8 @@ def serve(
         if model_path is None:
             raise FileNotFoundError(model_path)
         source = pinned if pinned is not None and os.path.isfile(pinned) else model_path
-        engine = engine_factory(Path(source), params)
+        engine = _load(engine_factory, Path(source), params)
         engine.path = Path(model_path)  # what status reports, not /proc/<pid>/fd/<n>
-        engine.warm_up()
         # What loading made lives as long as the worker: keep it out of the collection after each answer.
         gc.collect()
         gc.freeze()

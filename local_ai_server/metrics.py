@@ -62,6 +62,10 @@ class Metrics:
                                     buckets=_WAIT_BUCKETS, registry=r)
         for stage in ("stt", "llm", "tts"):
             self.queue_wait.labels(stage)  # exported (at zero) before the first wait
+        self.calls_active = Gauge("las_calls_active", "Calls admitted and in progress (against LOCAL_MAX_CALLS)",
+                                  registry=r)
+        self.calls_refused = Counter("las_calls_refused", "Calls refused `busy` at their start: the box was full",
+                                     ["front"], registry=r)
 
     def on_pool_event(self, name: str, data: dict[str, Any]) -> None:
         """Hook the LLM pool calls on state changes."""

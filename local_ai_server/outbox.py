@@ -127,6 +127,16 @@ class ConnectionOutbox:
         if transport is not None and not transport.is_closing():
             transport.abort()
 
+    async def flush(self, timeout: float) -> bool:
+        """Wait until everything queued has been handed to the connection; False if `timeout` came first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.idle:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.005)  # rare (a refusal before a close): a short poll keeps the writer simple
+        return True
+
     async def run(self) -> None:
         """Send queued messages until the connection closes."""
         while True:

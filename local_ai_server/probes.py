@@ -67,6 +67,8 @@ def probe(path: str, hub: Hub) -> Response:
         if missing:
             return json_response(HTTPStatus.SERVICE_UNAVAILABLE,
                                  {"status": "not_ready", "missing": missing, "hint": FETCH_HINT})
+        if hub.admission.full():
+            return full(hub)
         return json_response(HTTPStatus.OK, {"status": "ready"})
     if path == "/metrics":
         body = hub.metrics.render()
@@ -84,6 +86,16 @@ def draining(calls: int | None = None) -> Response:
     if calls is not None:
         body["calls"] = calls
     response = json_response(HTTPStatus.SERVICE_UNAVAILABLE, body)
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+def full(hub: Hub) -> Response:
+    """503 "full": every call place is taken (LOCAL_MAX_CALLS); a load balancer sends new calls elsewhere."""
+    admission = hub.admission
+    response = json_response(HTTPStatus.SERVICE_UNAVAILABLE, {
+        "status": "full", "calls": admission.active, "max_calls": admission.max_calls,
+        "message": "every call place is taken: new calls are refused busy, calls in progress go on"})
     response.headers["Retry-After"] = "1"
     return response
 

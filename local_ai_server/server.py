@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import ssl
@@ -21,8 +22,10 @@ from websockets.server import ServerProtocol
 from websockets.typing import Origin, Subprotocol
 
 from . import probes
+from .admission import CLOSE_FULL, FULL_MESSAGE
 from .config import ServerConfig
 from .drain import Drain, DrainPolicy, Leaving, StopRequests
+from .fronts import realtime_render
 from .fronts.ava import AvaFront
 from .fronts.realtime import RealtimeFront
 from .fronts.realtime_input import authorized, is_realtime_path, model_of, subprotocol
@@ -253,14 +256,24 @@ class VoiceServer:
     # ------------------------------------------------------------------ connections
 
     async def _handler(self, ws: ServerConnection) -> None:
-        """One connection: its front, its writer, its frames; every task it starts ends with it."""
+        """One connection: refused at once if it is a Realtime call and the box is full, else served."""
         session = Session(id=self.hub.new_session_id(), max_history_turns=self.cfg.llm.history_turns)
         session.authenticated = self.cfg.auth_token is None
+        path = ws.request.path if ws.request else "/"
+        if is_realtime_path(path) and not self.hub.admit(session.id, "realtime"):
+            await _refuse_full(ws)  # a Realtime session is a call from its handshake on
+            return
+        try:
+            await self._serve(ws, session, path)
+        finally:
+            self.hub.release(session.id)  # its place, if it took one (AVA: at its first request for work)
+
+    async def _serve(self, ws: ServerConnection, session: Session, path: str) -> None:
+        """One connection: its front, its writer, its frames; every task it starts ends with it."""
         async with TaskOwner(f"session-{session.id}") as tasks:
             outbox = ConnectionOutbox(ws, self.cfg.send_queue_max, tasks, self.cfg.send_buffer_bytes)
             if isinstance(ws, GuardedConnection):
                 ws.outbox = outbox
-            path = ws.request.path if ws.request else "/"
             front: Front
             if is_realtime_path(path):  # checked at the handshake: authenticated already
                 front = RealtimeFront(self.hub, session, outbox, tasks, ws.close, remote=_remote(ws),
@@ -298,6 +311,14 @@ class VoiceServer:
                 self.hub.calls -= 1
                 self.metrics.sessions.dec()
                 log.info("session.closed", session=session.id, call_id=session.call_id, code=ws.close_code)
+
+
+async def _refuse_full(ws: ServerConnection) -> None:
+    """A Realtime call on a full box: OpenAI's `error` event (code `busy`), then close 1013 (try again later)."""
+    event = realtime_render.error(realtime_render.Ids(), FULL_MESSAGE, code="busy", kind="server_error")
+    with contextlib.suppress(ConnectionClosed):
+        await ws.send(json.dumps(event))
+        await ws.close(CLOSE_FULL, "server full")
 
 
 def _select_subprotocol(connection: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:

@@ -127,6 +127,8 @@ _ABBREVIATIONS: Final[frozenset[str]] = frozenset(
 _NUMBER_ABBREVIATIONS: Final[frozenset[str]] = frozenset({"no", "nos", "nr", "vol", "pp", "fig"})
 _DOTTED_INITIALS: Final[re.Pattern[str]] = re.compile(r"(?:[^\W\d_]\.)+[^\W\d_]")
 _LIST_NUMBER: Final[re.Pattern[str]] = re.compile(r"\d{1,3}\.")
+# A word with its punctuation, and the space after it.
+_TOKEN: Final[re.Pattern[str]] = re.compile(r"(\S+)(\s*)")
 
 # Outcome of looking at one candidate boundary.
 _NO: Final[int] = 0
@@ -143,15 +145,25 @@ class SentenceSplitter:
         max_chars: int = 300,
         first_clause_chars: int | None = None,
         clean: bool = True,
+        *,
+        first_clause_words: int = 0,
+        clause_tail_words: int = 0,
     ) -> None:
-        """Configure the splitter; with clean=True every piece goes through clean_for_speech."""
+        """Configure the splitter; with clean=True every piece goes through clean_for_speech.
+
+        With `first_clause_chars` set, the first piece may end at a clause mark (comma, semicolon, colon,
+        dash) once it holds that many characters and `first_clause_words` words, if the sentence goes on
+        for more than `clause_tail_words` words after the mark: a short sentence is spoken whole.
+        """
         if max_chars < 1:
             raise ValueError("max_chars must be positive")
-        if min_chars < 0:
-            raise ValueError("min_chars must not be negative")
+        if min_chars < 0 or first_clause_words < 0 or clause_tail_words < 0:
+            raise ValueError("min_chars, first_clause_words and clause_tail_words must not be negative")
         self.min_chars = min_chars
         self.max_chars = max_chars
         self.first_clause_chars = first_clause_chars
+        self.first_clause_words = first_clause_words
+        self.clause_tail_words = clause_tail_words
         self.clean = clean
         self._buf = ""
         # Everything before this index has been judged "not a boundary" for the current
@@ -318,7 +330,8 @@ class SentenceSplitter:
     def _judge_clause(self, buf: str, i: int, final: bool) -> int:
         """Judge a clause mark at buf[i] as the end of a low-latency first piece."""
         assert self.first_clause_chars is not None
-        if len(buf[: i + 1].strip()) < self.first_clause_chars:
+        head = buf[: i + 1]
+        if len(head.strip()) < self.first_clause_chars or _word_count(head) < self.first_clause_words:
             return _NO
         if i + 1 >= len(buf):
             return _NO if final else _WAIT
@@ -329,7 +342,28 @@ class SentenceSplitter:
             return _WAIT
         if nxt < 0:
             return _NO
-        return _YES if self._piece_ok(buf[: i + 1]) else _NO
+        return self._judge_tail(buf, i + 1, final) if self._piece_ok(head) else _NO
+
+    def _judge_tail(self, buf: str, start: int, final: bool) -> int:
+        """Whether the sentence goes on for more than clause_tail_words words after a clause mark.
+
+        A clause spoken alone ends with a pause and a fall of the voice: before a short tail ("Paris,
+        France.") that sounds choppy, and the tail alone is too short to be worth it. So the clause is cut
+        only once that many words have followed it without the sentence (or the paragraph) ending.
+        """
+        words = 0
+        for m in _TOKEN.finditer(buf, start):
+            if words >= self.clause_tail_words:
+                return _YES
+            if m.end(1) - start > self.max_chars:
+                return _NO  # a runaway "word" (a long URL): no waiting for its end
+            if m.end() >= len(buf) and not final:
+                return _WAIT  # the word, or the space after it (a line break?), may go on
+            token, gap = m.group(1).rstrip(_CLOSERS), m.group(2)
+            if token.endswith(tuple(_TERMINATORS)) or "\n" in gap:
+                return _NO  # the sentence ends within the tail: spoken whole
+            words += 1 if _ALNUM.search(token) else 0
+        return _YES if words >= self.clause_tail_words else _NO
 
     @staticmethod
     def _word_before(buf: str, i: int) -> str:
@@ -355,3 +389,8 @@ class SentenceSplitter:
         # An unspeakable head (a run of emoji, say) is simply dropped by _drain; only the
         # successor must be speakable so the caller's last piece is never empty.
         return cut if has_speakable(buf[cut:]) else None
+
+
+def _word_count(text: str) -> int:
+    """Words in text: runs of non-space characters holding a letter or digit."""
+    return sum(1 for token in text.split() if _ALNUM.search(token))

@@ -231,6 +231,7 @@ class WyomingListener:
             pass
         finally:
             hub.calls -= 1
+            hub.release(session.id)
             writer.close()
             log.info("wyoming.closed", session=session.id)
 
@@ -254,3 +255,5 @@ class WyomingListener:
                 return
             for event in events:
                 front.on_event(event)
+                if front.refused:
+                    return  # the box is full: the refusal goes out, then the connection closes

@@ -9,7 +9,8 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from .. import protocol as P
-from ..errors import InvalidField, ServerError
+from ..admission import CLOSE_FULL, FULL_MESSAGE
+from ..errors import Busy, InvalidField, RequestId, ServerError
 from ..hub import Hub
 from ..outbox import ConnectionOutbox
 from ..session import DEFAULT_CALL_ID, Session
@@ -25,6 +26,9 @@ BIG_FRAME = 256 * 1024
 # A base64 audio field longer than this is decoded on a thread.
 BIG_AUDIO_B64 = 64 * 1024
 MAX_AUTH_FAILURES = 3
+# The messages that make a connection a call (and so need one of the box's places): every request for work.
+# auth, status and the reports, barge_in and model switches never do: a monitor is never refused.
+CALL_WORK = (P.Audio, P.LlmRequest, P.TtsRequest, P.SetMode, P.ToolContext, P.LlmToolRequest, P.ToolResult)
 
 Closer = Callable[[int, str], Awaitable[None]]
 
@@ -41,13 +45,17 @@ class AvaFront:
         self._close = close
         self.limits = P.Limits(max_text_chars=hub.cfg.max_text_chars)
         self.call = Call(session, hub.engines, AvaSink(outbox, session), hub.cfg, hub.metrics, tasks)
+        self.refused = False  # the box was full at this call's start: it is being closed
 
     async def on_frame(self, frame: str | bytes) -> None:
         """Handle one frame; whatever goes wrong becomes exactly one error reply with its request id."""
         msg: P.Message | None = None
+        if self.refused:
+            return  # it crossed our close frame
         try:
             msg = await self._parse(frame)
-            if msg is not None:
+            if msg is not None and (not isinstance(msg, CALL_WORK)
+                                    or await self._admitted(getattr(msg, "request_id", None))):
                 await self._dispatch(msg)
         except Exception as exc:  # noqa: BLE001 - every failure is answered, none ends the connection
             self._failed(msg, exc)
@@ -78,6 +86,20 @@ class AvaFront:
             self.out.send_control(P.reload_response("error", err.message, request_id=rid))
         self.call.error(err)
 
+    async def _admitted(self, request_id: RequestId) -> bool:
+        """Whether this connection's call has a place (taken at its first request for work).
+
+        On a full box the call is refused at its start: an `error` `busy`, then close 1013 (try again later;
+        through a load balancer another server answers). A call already admitted is never refused.
+        """
+        if self.hub.admit(self.session.id, "ava"):
+            return True
+        self.refused = True
+        self.call.error(Busy(FULL_MESSAGE, request_id=request_id))
+        await self.out.flush(2.0)  # the error goes out before the close frame
+        await self._close(CLOSE_FULL, "server full")
+        return False
+
     async def _parse(self, frame: str | bytes) -> P.Message | None:
         """A frame as a message (None when nothing is to be dispatched); raises ServerError for bad input."""
         metrics, engines = self.hub.metrics, self.hub.engines
@@ -85,6 +107,8 @@ class AvaFront:
             metrics.messages.labels("binary").inc()
             if not self.session.authenticated:
                 self.out.send_control(P.auth_response(False, "authentication_required"))
+                return None
+            if not await self._admitted(None):
                 return None
             self.call.accept_audio(frame, None, None, None, binary=True)
             return None
@@ -132,6 +156,7 @@ class AvaFront:
                 call.stop_speech()
                 s.reset_history()
                 s.call_id = DEFAULT_CALL_ID
+                hub.release(s.id)  # the call is over: its place is free; the next call here takes one again
             log.info("barge_in", session=s.id, call_id=msg.call_id or s.call_id, cancelled=cancelled,
                      reason=msg.reason, rollback=msg.rollback_assistant, history=len(s.history))
             out.send_control(P.barge_in_ack(call_id=msg.call_id or s.call_id, request_id=msg.request_id))

@@ -20,6 +20,7 @@ from wyoming.info import Describe
 from wyoming.ping import Ping, Pong
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 
+from ..admission import FULL_MESSAGE
 from ..audio import SUPPORTED_OUTPUT
 from ..errors import InvalidField, ServerError
 from ..hub import Hub
@@ -95,6 +96,7 @@ class WyomingFront:
         self.text_stream: TextStream | None = None
         self._jobs: asyncio.Queue[tuple[str, Job]] = asyncio.Queue(MAX_QUEUED)
         self._serving = False  # a request is being served
+        self.refused = False  # the box was full at this call's first request: the connection ends
         self._worker = tasks.spawn(self._serve_jobs(), name="wyoming-jobs")
 
     # ------------------------------------------------------------------ events in
@@ -112,6 +114,8 @@ class WyomingFront:
 
     def _dispatch(self, event: Event) -> None:
         kind = event.type
+        if self.refused or (_is_work(kind) and not self._admitted(kind)):
+            return
         if Describe.is_type(kind):
             self.out.send(self._info())
         elif Ping.is_type(kind):
@@ -148,6 +152,17 @@ class WyomingFront:
             self._queue("handle", lambda: self._handle(text))
         else:
             log.debug("wyoming.ignored", session=self.session.id, type=kind[:40])
+
+    def _admitted(self, kind: str) -> bool:
+        """Whether this connection's call has a place (taken at its first request); else refuse it, once."""
+        if self.hub.admit(self.session.id, "wyoming"):
+            return True
+        self.refused = True
+        # What the request's client reads: a conversation client waits for (not-)handled, the others an error.
+        refusal = (NotHandled(text=FULL_MESSAGE).event() if Transcript.is_type(kind)
+                   else error_event(FULL_MESSAGE, "busy"))
+        self.out.send(refusal)
+        return False
 
     def _queue(self, what: str, job: Job) -> None:
         try:
@@ -289,3 +304,11 @@ class WyomingFront:
             self.text_stream.close()
         self._worker.cancel()
         await self.call.close()
+
+
+# Events that start (or carry) a request: the connection is a call from the first one on, and needs a place.
+_WORK = (Transcribe, AudioStart, AudioChunk, AudioStop, SynthesizeStart, SynthesizeChunk, Synthesize, Transcript)
+
+
+def _is_work(kind: str) -> bool:
+    return any(cls.is_type(kind) for cls in _WORK)

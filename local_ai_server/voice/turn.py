@@ -23,9 +23,13 @@ from .ports import Engines, Sink, TokenSource
 _turn_ids = itertools.count(1)
 # Spoken after a last sentence with nothing to say, so the utterance still ends with a final chunk.
 CLOSING_SILENCE = np.zeros(320, dtype=np.float32)
-# The first piece may be a clause (cut at a comma once this many characters are in): the first audio is
-# what the caller waits for; later pieces are synthesized while earlier ones play.
+# The first piece may be a clause (cut at a comma once this many characters and words are in, when the
+# sentence goes on for more than CLAUSE_TAIL_WORDS words after it): the first audio is what the caller waits
+# for; later pieces are synthesized while earlier ones play. A short sentence is spoken whole (no choppy
+# "Paris, | France.").
 FIRST_CLAUSE_CHARS = 20
+FIRST_CLAUSE_WORDS = 4
+CLAUSE_TAIL_WORDS = 2
 
 
 @dataclass(eq=False)
@@ -125,7 +129,8 @@ async def run_answer(turn: Turn, job: TokenSource, voice: Voice | None, *, strea
     """
     sentences: asyncio.Queue[tuple[str, bool] | None] = asyncio.Queue()
     speaker = voice.spawn(speak(turn, sentences, voice)) if voice is not None else None
-    splitter = SentenceSplitter(first_clause_chars=FIRST_CLAUSE_CHARS)
+    splitter = SentenceSplitter(first_clause_chars=FIRST_CLAUSE_CHARS, first_clause_words=FIRST_CLAUSE_WORDS,
+                                clause_tail_words=CLAUSE_TAIL_WORDS)
     try:
         async with contextlib.aclosing(job.stream()) as stream:  # type: ignore[type-var]
             async for delta in stream:

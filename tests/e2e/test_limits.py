@@ -47,6 +47,18 @@ async def test_only_one_reload_at_a_time(client_factory: Callable[..., Any]) -> 
     assert ok["status"] == "success"
 
 
+async def test_status_is_answered_while_a_reload_loads(client_factory: Callable[..., Any]) -> None:
+    """The new worker loads off the loop: status asked after the reload started is answered before it ends."""
+    admin, probe = await client_factory(), await client_factory()
+    await admin.send({"type": "reload_llm", "request_id": "rl"})
+    for i in range(5):
+        reply = await probe.request({"type": "status", "request_id": f"s{i}"}, "status_response")
+        assert reply["request_id"] == f"s{i}"
+    assert not admin.got.json("reload_response"), "five status round trips took longer than loading a model"
+    done = await admin.wait_for(lambda m: m.get("type") == "reload_response", timeout=120)
+    assert done["status"] == "success" and done["request_id"] == "rl"
+
+
 async def test_endless_utterance_is_cut_with_an_error(models_dir: Path, tmp_path: Path,
                                                       speak: Callable[[str], np.ndarray]) -> None:
     srv = start_server(tmp_path, models_dir, env={"LOCAL_STT_MAX_UTTERANCE_S": "2"})

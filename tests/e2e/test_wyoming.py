@@ -162,6 +162,24 @@ async def test_streamed_synthesis_speaks_the_first_sentence_before_the_text_is_c
     assert 0.8 < first_s < 4 and 1.2 < rest_s < 6
 
 
+async def test_streamed_synthesis_speaks_the_first_clause_of_a_long_first_sentence_before_it_ends(
+        wy: ServerProc) -> None:
+    async with client(wy) as c:
+        await c.write_event(SynthesizeStart().event())
+        await c.write_event(SynthesizeChunk(text="The weather in the mountains is lovely today, ").event())
+        await c.write_event(SynthesizeChunk(text="and the warm sun").event())
+        # The first sentence is still open (its last words are not even sent): its first clause is spoken.
+        first = await read_until(c, "audio-stop")
+        assert first[0].type == "audio-start" and not is_silent(speech_of(first)[0])
+        await c.write_event(SynthesizeChunk(text=" shines on every peak. It is Paris, France.").event())
+        await c.write_event(SynthesizeStop().event())
+        rest = await read_until(c, "synthesize-stopped")
+    # The rest of the first sentence, then the next one whole (only the first sentence is cut; and a tail of one
+    # word, "France.", would not have been).
+    assert [e.type for e in rest if e.type != "audio-chunk"] == ["audio-start", "audio-stop"] * 2 + [
+        "synthesize-stopped"]
+
+
 async def test_synthesis_of_nothing_speakable_still_ends(wy: ServerProc) -> None:
     async with client(wy) as c:
         await c.write_event(Synthesize(text="...").event())

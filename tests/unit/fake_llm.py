@@ -34,6 +34,7 @@ class FakeEngine:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.prompt_chars = 0
+        self.load_nice = os.getpriority(os.PRIO_PROCESS, 0)  # the loading thread's own (Linux)
 
     def last_usage(self) -> dict[str, int]:
         """The last prompt's size, as a real engine tells its token count: here, its characters."""
@@ -43,7 +44,7 @@ class FakeEngine:
         pass
 
     def describe(self) -> dict[str, Any]:
-        return {"name": "fake", "n_ctx": 64, "pid": os.getpid()}
+        return {"name": "fake", "n_ctx": 64, "pid": os.getpid(), "load_nice": self.load_nice}
 
     def stream(self, messages: list[tuple[str, str]], sampling: SamplingParams,
                should_stop: Callable[[], bool]) -> Iterator[str]:
@@ -60,7 +61,8 @@ class FakeEngine:
                 return
             if spec["delay_s"]:
                 time.sleep(spec["delay_s"])
-            yield token
+            # "@nice": the serving thread's nice value, said as a token.
+            yield str(os.getpriority(os.PRIO_PROCESS, 0)) if token == "@nice" else token
             if should_stop():
                 return
 

@@ -75,6 +75,8 @@ CONFIGS: list[dict[str, Any]] = [
     {"max_chars": 60},
     {"first_clause_chars": 15},
     {"first_clause_chars": 30, "max_chars": 80, "min_chars": 10},
+    {"first_clause_chars": 20, "first_clause_words": 4, "clause_tail_words": 2},  # the turn's own
+    {"first_clause_chars": 5, "first_clause_words": 2, "clause_tail_words": 1, "max_chars": 50},
     {"clean": False},
     {"clean": False, "max_chars": 40},
 ]
@@ -305,6 +307,50 @@ def test_first_clause_resets_after_flush() -> None:
     assert s.push("Go") == ["with a clause."]
     assert s.flush() == ["Go"]
     assert s.push("Second answer here, with a clause. Go") == ["Second answer here,", "with a clause."]
+
+
+TURN: dict[str, Any] = {"first_clause_chars": 20, "first_clause_words": 4, "clause_tail_words": 2}  # voice/turn.py's
+
+
+def test_long_first_sentence_is_cut_at_its_first_clause_only() -> None:
+    text = "Well, that is a really good question, and I have an answer for you. Second, it is long, as you see it."
+    assert split_all(text, **TURN) == [
+        "Well, that is a really good question,",  # "Well," alone has too few words
+        "and I have an answer for you.",
+        "Second, it is long, as you see it.",  # later sentences are spoken whole
+    ]
+
+
+def test_short_sentences_are_spoken_whole() -> None:
+    # The tail after the comma is too short: the clause alone would sound choppy.
+    assert split_all("The capital of France is Paris, France. It is big.", **TURN) == [
+        "The capital of France is Paris, France.", "It is big."]
+    # Two words after the comma, the second of which ends the sentence: still whole.
+    assert split_all("The weather today is lovely, all day.", **TURN) == ["The weather today is lovely, all day."]
+    # Too few words before the comma (though over 20 characters).
+    assert split_all("Extraordinarily wonderful, that is what the weather is today.", **TURN) == [
+        "Extraordinarily wonderful, that is what the weather is today."]
+    # A paragraph break ends the sentence within the tail.
+    assert split_all("The weather today is lovely, mostly\nAnd more.", **TURN) == [
+        "The weather today is lovely, mostly", "And more."]
+
+
+def test_a_clause_goes_out_as_soon_as_the_tail_is_long_enough() -> None:
+    s = SentenceSplitter(**TURN)
+    assert s.push("The weather today is lovely,") == []
+    assert s.push(" warm") == []
+    assert s.push(" and") == []  # "and" could still be the last word of the sentence
+    assert s.push(" sun") == ["The weather today is lovely,"]  # before the sentence's end is generated
+    assert s.push("ny. ") == []
+    assert s.push("Bye") == ["warm and sunny."]
+    assert s.flush() == ["Bye"]
+
+
+def test_clause_settings_are_validated() -> None:
+    with pytest.raises(ValueError):
+        SentenceSplitter(first_clause_chars=10, first_clause_words=-1)
+    with pytest.raises(ValueError):
+        SentenceSplitter(first_clause_chars=10, clause_tail_words=-1)
 
 
 # ---------------------------------------------------------------------------

@@ -14,7 +14,8 @@ FULL_MESSAGE = "the server is full: call again later (through a load balancer, a
 
 
 def default_max_calls(cores: int) -> int:
-    """Calls per box by default: 4 per core, the load issue 19 asks two cores to hold at first audio p95 <= 1.5 s."""
+    """Calls per box by default: 4 per core, a ceiling (the capacity benchmark saw turns fail past it on two
+    cores), not the count that keeps first audio fast: operators set LOCAL_MAX_CALLS to their measured one."""
     return max(2, 4 * cores)
 
 

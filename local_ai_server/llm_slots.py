@@ -24,7 +24,7 @@ COALESCE_S = 0.025
 COALESCE_LATE_S = 0.1
 FAST_PHASE_S = 1.0
 # Generations one worker holds at once when its engine can park them: a held or paused answer keeps its slot
-# (and a copy of its KV cells, ~23 KB a token for SmolLM2-135M), so one per call a worker may serve at once.
+# (and a copy of its KV cells, 22 KB a token for SmolLM2-135M), so one per call a worker may serve at once.
 SLOTS = 8
 
 

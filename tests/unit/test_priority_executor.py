@@ -18,7 +18,8 @@ BOUND_S = 10.0
 def gated() -> Iterator[tuple[PriorityExecutor, threading.Event, list[str]]]:
     """A one-thread executor whose thread is held busy until the gate opens; `ran` records the order."""
     ex = PriorityExecutor(1, name="test", max_queue=4)
-    gate, started, ran = threading.Event(), threading.Event(), []
+    gate, started = threading.Event(), threading.Event()
+    ran: list[str] = []
 
     def hold() -> None:
         started.set()
@@ -45,7 +46,8 @@ def test_the_most_urgent_work_goes_first_then_first_come(gated: tuple[PriorityEx
 
 def test_fifo_ignores_the_priority() -> None:
     ex = PriorityExecutor(1, name="fifo", fifo=True)
-    gate, ran = threading.Event(), []
+    gate = threading.Event()
+    ran: list[int] = []
     ex.submit(0, gate.wait, BOUND_S)
     futs = [ex.submit(p, ran.append, p) for p in (3, 1, 2)]
     gate.set()

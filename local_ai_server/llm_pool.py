@@ -222,9 +222,10 @@ class LlmPool(Scheduler):
             w.ready_future.set_result("the LLM worker exited while loading the model")
         was_serving = w.ready and not w.retiring
         self._fail_running(w)
-        if w.proc is not None and self._loop is not None:
+        if w.proc is not None and self._loop is not None and not self._closing:
             # The pipe closes a moment before the kernel marks the process exited: reap it off the loop,
-            # or it would linger as a zombie.
+            # or it would linger as a zombie (close() reaps every worker itself: a pipe that closes after it
+            # must not ask the loop for a thread, which may be going away with the loop).
             self._loop.run_in_executor(None, w.reap, 10.0)
         if self._closing:
             return

@@ -90,11 +90,16 @@ async def test_an_awaiting_task_cancelled_drops_its_queued_work(
         gated: tuple[PriorityExecutor, threading.Event, list[str]]) -> None:
     """A barge-in cancels the synthesis of sentences nobody will hear before they take a thread."""
     ex, gate, ran = gated
-    waiter = asyncio.ensure_future(asyncio.wrap_future(ex.submit(0, ran.append, "unheard")))
-    await asyncio.sleep(0)
+    queued = ex.submit(0, ran.append, "unheard")
+    waiter = asyncio.wrap_future(queued)
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
+    for _ in range(100):  # the cancel reaches the executor's future in a loop callback
+        if queued.cancelled():
+            break
+        await asyncio.sleep(0)
+    assert queued.cancelled()
     done = asyncio.wrap_future(ex.submit(1, ran.append, "next"))
     gate.set()
     await asyncio.wait_for(done, BOUND_S)

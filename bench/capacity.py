@@ -3,7 +3,8 @@
 Usage::
 
     .venv/bin/python bench/capacity.py [--quick] [--steps 1,2,4,8,12] [--turns 3 | --step-seconds 60]
-                                       [--backends local,remote] [--json] [--out FILE]
+                                       [--backends local,remote] [--scheduling fifo,priority]
+                                       [--json] [--out FILE]
 
 Each step runs N callers at once against the real server (local_ai_server.harness) over AVA's protocol in
 `full` mode. A caller (bench/caller.py) starts at a seeded random offset, streams a Piper-spoken sentence in
@@ -14,6 +15,9 @@ and TTS (`las_queue_wait_seconds`, scraped from /metrics before and after), the 
 and the cores used by the server, its LLM workers, the engine, this client and processes outside the
 benchmark. Calls per box = the highest N with first-audio p95 <= 1.5 s and no failed turn (every smaller step
 passing too).
+
+Scheduling: `--scheduling fifo,priority` starts one server per scheduling (LOCAL_SCHEDULING) and alternates
+their steps (N callers on fifo, then N on priority, then the next N), so that both meet the same machine.
 
 Backends: `local` (the server's own LLM worker pool) and `remote` (LOCAL_LLM_BACKEND=openai against
 llama-cpp-python's own server, `python -m llama_cpp.server`, on the same box with the same model and threads:
@@ -73,7 +77,8 @@ ENGINE_BATCH = 256  # LOCAL_LLM_BATCH's default: the engine prefills as our work
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """Everything that decides the workload, for the JSON."""
     return {"quick": args.quick, "steps": args.steps, "turns_per_caller": None if args.step_seconds else args.turns,
-            "step_seconds": args.step_seconds, "backends": args.backends, "seed": args.seed,
+            "step_seconds": args.step_seconds, "backends": args.backends, "scheduling": args.scheduling,
+            "seed": args.seed,
             "start_spread_s": args.spread, "pause_s": [0.5, 2.5], "stop_after_failure": not args.all_steps,
             "goal": f"first-audio p95 <= {P95_GOAL_MS:g} ms, no failed turn", "decode_pairs": args.decode_pairs,
             "decode_tokens": args.decode_tokens, "sentences": len(SENTENCES), "server_env": "defaults",
@@ -114,8 +119,8 @@ async def run_step(srv: ServerProc, backend: str, n: int, speech: dict[str, Any]
     cores = cpu.stop()
     after = parse_metrics(await asyncio.to_thread(srv.metrics))
     step = summarize_step(n, outs, timed_out=bool(pending))
-    step.update(wall_s=round(wall, 1), cpu=cores, server=server_figures(before, after, "openai" if backend == "remote"
-                                                                        else "local"),
+    kind = "openai" if backend.startswith("remote") else "local"
+    step.update(wall_s=round(wall, 1), cpu=cores, server=server_figures(before, after, kind),
                 server_turns=turn_stages(await asyncio.to_thread(srv.log_events), tag))
     step["passed"] = step_passes(step)
     step["callers_detail"] = outs
@@ -137,9 +142,9 @@ async def warm_up(srv: ServerProc, speech: dict[str, Any], backend: str) -> dict
     return {"turns": out.get("turns"), "ok": bool(out.get("turns")) and out["turns"][0].get("failure") is None}
 
 
-async def run_backend(name: str, srv: ServerProc, speech: dict[str, Any], args: argparse.Namespace,
-                      engine_pid: int | None, res: dict[str, Any]) -> None:
-    """Warm-up, then the steps in order (stopping after the first failing one unless --all-steps)."""
+async def start_backend(name: str, srv: ServerProc, speech: dict[str, Any], args: argparse.Namespace,
+                        res: dict[str, Any]) -> dict[str, Any]:
+    """The server's status and one warm-up turn, before its steps."""
     out: dict[str, Any] = {"steps": []}
     res["backends"][name] = out
     c = await Client.connect(srv.url)
@@ -151,16 +156,29 @@ async def run_backend(name: str, srv: ServerProc, speech: dict[str, Any], args: 
         res["machine"] = {**machine_info(status, args.quick), "loadavg_at_start": res["machine"]["loadavg_at_start"]}
     progress(f"{name}: warm-up turn ...")
     out["warm_up"] = await warm_up(srv, speech, name)
+    return out
+
+
+async def run_backends(servers: dict[str, ServerProc], speech: dict[str, Any], args: argparse.Namespace,
+                       engine_pid: int | None, res: dict[str, Any]) -> None:
+    """Warm-up, then the steps in order, alternating between the servers (one per scheduling) at each step;
+    a server stops after its first failing step unless --all-steps."""
+    outs = {name: await start_backend(name, srv, speech, args, res) for name, srv in servers.items()}
+    stopped: set[str] = set()
     for n in args.steps:
-        await wait_pool_idle(srv.url)
-        await asyncio.sleep(STEP_REST_S)
-        progress(f"{name}: {n} caller(s) ...")
-        step = await run_step(srv, name, n, speech, args, engine_pid)
-        out["steps"].append(step)
-        if not step["passed"] and not args.all_steps:
-            progress(f"{name}: step {n} failed; the ramp stops here (--all-steps runs the rest)")
-            break
-    out["verdict"] = calls_per_box(out["steps"])
+        for name, srv in servers.items():
+            if name in stopped:
+                continue
+            await wait_pool_idle(srv.url)
+            await asyncio.sleep(STEP_REST_S)
+            progress(f"{name}: {n} caller(s) ...")
+            step = await run_step(srv, name, n, speech, args, engine_pid)
+            outs[name]["steps"].append(step)
+            if not step["passed"] and not args.all_steps:
+                progress(f"{name}: step {n} failed; the ramp stops here (--all-steps runs the rest)")
+                stopped.add(name)
+    for out in outs.values():
+        out["verdict"] = calls_per_box(out["steps"])
 
 
 def start_engine(tmp: Path, threads: int) -> Engine:
@@ -184,19 +202,26 @@ async def benchmark(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     progress("synthesizing caller speech with Piper ...")
     speech = await asyncio.to_thread(synthesize, SENTENCES)
     threads = thread_budget(cpu_count())[0]
-    for name in args.backends:
+    for backend in args.backends:
         engine: Engine | None = None
         srv: ServerProc | None = None
+        servers: dict[str, ServerProc] = {}
+        name = backend
         try:
-            if name == "remote":
+            if backend == "remote":
                 progress(f"starting llama_cpp.server ({threads} threads) ...")
                 engine = await asyncio.to_thread(start_engine, tmp, threads)
-            progress(f"starting the server ({name} LLM backend) ...")
-            env = remote_env(engine.url) if engine is not None else {}
-            srv = await asyncio.to_thread(procs.start_server, f"cap-{name}", tmp, env)
-            await run_backend(name, srv, speech, args, engine.pid if engine else None, res)
+            for sched in args.scheduling:
+                # One server per scheduling, all up at once, so that their steps can alternate.
+                name = backend if len(args.scheduling) == 1 else f"{backend}-{sched}"
+                progress(f"starting the server ({backend} LLM backend, {sched} scheduling) ...")
+                env = {**(remote_env(engine.url) if engine is not None else {}), "LOCAL_SCHEDULING": sched}
+                servers[name] = await asyncio.to_thread(procs.start_server, f"cap-{name}", tmp, env)
+            await run_backends(servers, speech, args, engine.pid if engine else None, res)
+            for s in servers.values():
+                await asyncio.to_thread(s.stop, 20, reap=True)
+            servers.clear()
             if engine is not None and args.decode_pairs > 0:
-                await asyncio.to_thread(srv.stop, 20, reap=True)
                 srv = await asyncio.to_thread(procs.start_server, "cap-decode", tmp,
                                               remote_env(engine.url, **DECODE_SERVER_ENV))
                 top_p = float(res["backends"][name]["server"]["llm"].get("config", {}).get("top_p") or 0.9)
@@ -204,14 +229,14 @@ async def benchmark(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 res["remote_decode"] = await remote_decode_pairs(srv, engine.url, ALIAS, engine.pid, threads,
                                                                  args.decode_pairs, args.decode_tokens, top_p)
         except Exception as exc:  # noqa: BLE001 - one backend failing must not lose the other's figures
-            msg = f"{name}: {type(exc).__name__}: {exc}"[:2000]
+            msg = f"{name}: {type(exc).__name__}: {exc}"[:2000]  # several schedulings: the last one started
             progress(f"BACKEND FAILED {msg}")
             res["errors"].append(msg)
             res["backends"].setdefault(name, {})["error"] = msg
             res["backends"][name].setdefault("verdict", calls_per_box(res["backends"][name].get("steps", [])))
         finally:
-            if srv is not None:
-                await asyncio.to_thread(srv.stop, 20, reap=True)
+            for s in [*servers.values(), *([srv] if srv is not None else [])]:
+                await asyncio.to_thread(s.stop, 20, reap=True)
             if engine is not None:
                 await asyncio.to_thread(engine.stop)
     sys1, own1, wall = procs.system_busy_seconds(), procs.own_tree_seconds(), time.perf_counter() - t0
@@ -230,6 +255,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--step-seconds", type=float, default=None,
                    help="run each step this long instead (callers start no turn after it)")
     p.add_argument("--backends", default="local,remote", help="local, remote or both (default local,remote)")
+    p.add_argument("--scheduling", default="priority",
+                   help="priority, fifo or both (fifo,priority: one server each, their steps alternating)")
     p.add_argument("--all-steps", action="store_true", help="run every step even after one failed")
     p.add_argument("--seed", type=int, default=1, help="the callers' schedule (offsets, sentences, pauses)")
     p.add_argument("--spread", type=float, default=4.0, help="callers start within this many seconds")
@@ -246,6 +273,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not args.backends or set(args.backends) - {"local", "remote"}:
         p.error("--backends: local, remote or both")
+    args.scheduling = [s.strip() for s in args.scheduling.split(",") if s.strip()]
+    if not args.scheduling or set(args.scheduling) - {"priority", "fifo"} or len(set(args.scheduling)) > 2 \
+            or len(set(args.scheduling)) < len(args.scheduling):
+        p.error("--scheduling: priority, fifo or both")
     args.decode_pairs = (3 if args.quick else 6) if args.decode_pairs is None else max(0, args.decode_pairs)
     args.decode_tokens = args.decode_tokens or (200 if args.quick else 400)
     return args
@@ -262,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     started = time.monotonic()
-    budget = 20 * 60 if args.quick else 60 * 60
+    budget = (20 * 60 if args.quick else 60 * 60) * len(args.scheduling)
     try:
         res = asyncio.run(asyncio.wait_for(benchmark(args, tmp), budget))
     except KeyboardInterrupt:

@@ -141,7 +141,7 @@ def _cores(step: dict[str, Any], key: str) -> str:
 
 def render_table(res: dict[str, Any]) -> str:
     """Every step of every backend, then the verdicts and the remote decode ratio."""
-    head = (f"{'backend':7s} {'N':>3s} {'turns':>7s} {'failed':>6s} {'v2fa p50':>8s} {'p95':>6s} {'pass':>4s} "
+    head = (f"{'backend':15s} {'N':>3s} {'turns':>7s} {'failed':>6s} {'v2fa p50':>8s} {'p95':>6s} {'pass':>4s} "
             f"{'wait p95 ms stt/llm/tts':>23s} {'1st tok':>7s} {'cores srv/llm/eng':>17s} {'client':>6s} "
             f"{'outside':>7s}")
     lines = ["capacity: full-mode callers that speak, listen to the whole answer, pause and speak again",
@@ -155,14 +155,14 @@ def render_table(res: dict[str, Any]) -> str:
             first = s.get("server", {}).get("llm_first_token", {}).get("p95_ms")
             flags = (" client-late" if s.get("client_limited") else "") + (
                 " noisy" if (s.get("cpu", {}).get("outside") or 0) > NOISY_CORES else "")
-            lines.append(f"{name:7s} {s['callers']:>3d} {s['turns_ok']:>3d}/{s['turns']:<3d} {s['failed']:>6d} "
+            lines.append(f"{name:15s} {s['callers']:>3d} {s['turns_ok']:>3d}/{s['turns']:<3d} {s['failed']:>6d} "
                          f"{_ms(s['v2fa_ms']['p50']):>8s} {_ms(s['v2fa_ms']['p95']):>6s} "
                          f"{'yes' if s.get('passed') else 'NO':>4s} {waits:>23s} {_ms(first):>7s} {cores:>17s} "
                          f"{_cores(s, 'client'):>6s} {_cores(s, 'outside'):>7s}{flags}")
             if s.get("failures"):
-                lines.append(f"{'':12s}failures: {s['failures']}")
+                lines.append(f"{'':20s}failures: {s['failures']}")
         if b.get("error"):
-            lines.append(f"{name:7s} FAILED: {b['error']}")
+            lines.append(f"{name:15s} FAILED: {b['error']}")
     lines.append("")
     for name, b in res.get("backends", {}).items():
         v = b.get("verdict")

@@ -21,6 +21,7 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 BACKENDS = ("local", "openai")
+SCHEDULING = ("priority", "fifo")
 
 LOOPBACK_HOSTS = ("localhost", "::1", "ip6-localhost")
 
@@ -153,6 +154,10 @@ class ServerConfig:
     # at the timeout is closed; the notice gives a load balancer time to see /ready say "draining".
     drain_timeout_s: float = 30.0
     drain_notice_s: float = 2.0
+    # "priority": what a caller is waiting for goes first (LLM, STT, TTS); "fifo": first come, first served.
+    scheduling: str = "priority"
+    # An answer is generated and synthesized at most this much audio ahead of its playback (priority only).
+    pace_ahead_s: float = 5.0
 
 
 class ConfigError(ValueError):
@@ -336,6 +341,8 @@ def from_env(
         wyoming_handle_streaming=_bool(env, "LOCAL_WYOMING_HANDLE_STREAMING", False),
         drain_timeout_s=_float(env, "LOCAL_DRAIN_TIMEOUT_S", 30.0),
         drain_notice_s=_float(env, "LOCAL_DRAIN_NOTICE_S", 2.0),
+        scheduling=_choice(env, "LOCAL_SCHEDULING", "priority", SCHEDULING),
+        pace_ahead_s=_float(env, "LOCAL_PACE_AHEAD_S", 5.0),
     )
 
 
@@ -355,6 +362,8 @@ def validate(cfg: ServerConfig) -> None:
     if not 0 <= cfg.drain_notice_s <= cfg.drain_timeout_s:
         raise ConfigError("LOCAL_DRAIN_NOTICE_S must be >= 0 and at most LOCAL_DRAIN_TIMEOUT_S "
                           f"({cfg.drain_notice_s:g} s and {cfg.drain_timeout_s:g} s given)")
+    if cfg.pace_ahead_s <= 0:
+        raise ConfigError(f"LOCAL_PACE_AHEAD_S must be > 0, got {cfg.pace_ahead_s:g}")
     if cfg.log_level not in ("debug", "info", "warning", "error", "critical"):
         raise ConfigError(f"LOCAL_LOG_LEVEL must be debug|info|warning|error, got {cfg.log_level!r}")
 

@@ -70,6 +70,7 @@ class LlmPool(Scheduler):
         infer_timeout_s: float = 60.0,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         engine_factory: EngineFactory = llama_engine,
+        scheduling: str = "priority",
     ) -> None:
         super().__init__(
             state="empty" if model_path is None else "loading",
@@ -77,6 +78,7 @@ class LlmPool(Scheduler):
             max_queue=max_queue,
             infer_timeout_s=infer_timeout_s,
             on_event=on_event,
+            scheduling=scheduling,
         )
         self.model_path = model_path
         self.params = params
@@ -194,8 +196,8 @@ class LlmPool(Scheduler):
         self._fail_queued("cancelled", Cancelled("server shutting down"))
         workers = list(self._workers)
         for w in workers:
-            if w.job is not None:
-                self._finish(w.job, "cancelled", Cancelled("server shutting down"))
+            for job in list(w.jobs.values()):
+                self._finish(job, "cancelled", Cancelled("server shutting down"))
             self._send(w, ("stop",))
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._join_all, workers, timeout)
@@ -224,9 +226,10 @@ class LlmPool(Scheduler):
             w.ready_future.set_result("the LLM worker exited while loading the model")
         was_serving = w.ready and not w.retiring
         self._fail_running(w)
-        if w.proc is not None and self._loop is not None:
+        if w.proc is not None and self._loop is not None and not self._closing:
             # The pipe closes a moment before the kernel marks the process exited: reap it off the loop,
-            # or it would linger as a zombie.
+            # or it would linger as a zombie (close() reaps every worker itself: a pipe that closes after it
+            # must not ask the loop for a thread, which may be going away with the loop).
             self._loop.run_in_executor(None, w.reap, 10.0)
         if self._closing:
             return
@@ -264,7 +267,7 @@ class LlmPool(Scheduler):
             self._pin_model(str(model_path))
             for w in old:
                 w.retiring = True
-                if w.job is None:
+                if not w.jobs:
                     self._send(w, ("stop",))
                 else:
                     # Keep a busy old worker reachable so its job still gets its messages.

@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -21,14 +20,11 @@ from typing import Any, Protocol
 from .engines.llm import LlmParams, SamplingParams
 from .errors import describe
 from .heap import malloc_trim
+from .llm_slots import COALESCE_LATE_S, COALESCE_S, FAST_PHASE_S, Slots
 
-# Longest a generated token waits in the worker to travel with the next ones: briefly while the first
-# sentence is being written (the caller waits for it), longer after that (later sentences are spoken
-# while earlier ones play, so nobody waits for them). Every message wakes the server and the client,
-# and on a small machine each wake-up stalls the decode: fewer messages, faster tokens.
-COALESCE_S = 0.025
-COALESCE_LATE_S = 0.1
-FAST_PHASE_S = 1.0
+__all__ = ["COALESCE_LATE_S", "COALESCE_S", "FAST_PHASE_S", "IDLE_TRIM_S", "Engine", "EngineFactory", "llama_engine",
+           "serve"]
+
 # A worker idle this long hands its freed heap back to the OS (glibc keeps it otherwise); back-to-back
 # requests never wait for the trim.
 IDLE_TRIM_S = 1.0
@@ -42,7 +38,8 @@ class Engine(Protocol):
     """What a worker needs of a loaded model (engines.llm.LlamaEngine is the real one).
 
     An engine may also offer `last_usage()`: the last answer's prompt_tokens (and cached_tokens), sent
-    with its end.
+    with its end; and `park()` / `unpark(state)` (with `can_park()`): set aside the state of the answer
+    being generated and restore another's, so that one worker can pause an answer between two tokens.
     """
 
     path: Path
@@ -126,9 +123,10 @@ def serve(
         # What loading made lives as long as the worker: keep it out of the collection after each answer.
         gc.collect()
         gc.freeze()
-        conn.send(("ready", engine.describe(), None))
+        slots = Slots(conn, engine, lambda: _usage(engine))
+        conn.send(("ready", engine.describe(), None, slots.capacity))
     except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
-        conn.send(("ready", None, describe(exc)))
+        conn.send(("ready", None, describe(exc), 0))
         return
     trim = trim_factory()
     trimmed = False  # loading and warm-up freed a lot
@@ -137,83 +135,19 @@ def serve(
             if trim is not None and not trimmed and not conn.poll(idle_trim_s):
                 trim(0)
                 trimmed = True
-            msg = conn.recv()
-        except (EOFError, OSError):
+            slots.handle(conn.recv())
+            if slots.stop:
+                return
+            if not slots.gens:
+                continue  # a late cancel for a finished job
+            trimmed = False
+            if not slots.run():
+                return
+        except (BrokenPipeError, EOFError, OSError):
             return  # parent is gone: exit rather than linger as an orphan
-        kind = msg[0]
-        if kind == "stop":
-            return
-        if kind != "gen":
-            continue  # a late cancel for a finished job
-        trimmed = False
-        if not _generate(conn, engine, *msg[1:]):
-            return
 
 
 def _usage(engine: Engine) -> dict[str, int]:
     """The last answer's prompt token counts, from an engine that tells them (prompt_tokens, cached_tokens)."""
     last_usage = getattr(engine, "last_usage", None)
     return dict(last_usage()) if callable(last_usage) else {}
-
-
-def _generate(conn: Connection, engine: Engine, job_id: int, messages: list[tuple[str, str]],
-              sampling: SamplingParams) -> bool:
-    """Stream one answer to the parent; False when the worker must stop (told to, or the parent is gone)."""
-    cancelled = stop_after = False
-    tokens = 0
-    t0 = time.monotonic()
-    first: float | None = None
-
-    def should_stop() -> bool:
-        nonlocal cancelled, stop_after
-        while conn.poll():
-            try:
-                m = conn.recv()
-            except (EOFError, OSError):
-                stop_after = cancelled = True
-                return True
-            if m[0] == "cancel" and m[1] == job_id:
-                cancelled = True
-            elif m[0] == "stop":
-                stop_after = cancelled = True
-        return cancelled
-
-    try:
-        # Tokens are coalesced for up to COALESCE_S (the first goes at once): a pipe message and a loop
-        # wake-up per token cost the decode a measurable share of the cores on a small machine.
-        pending: list[str] = []
-        last_send = 0.0
-        for delta in engine.stream(messages, sampling, should_stop):
-            tokens += 1
-            now = time.monotonic()
-            if first is None:
-                first = now
-            pending.append(delta)
-            window = COALESCE_S if now - first < FAST_PHASE_S else COALESCE_LATE_S
-            if now - last_send >= window or tokens == 1:
-                conn.send(("tok", job_id, "".join(pending), len(pending)))
-                pending.clear()
-                last_send = now
-        if pending:
-            conn.send(("tok", job_id, "".join(pending), len(pending)))
-        elapsed = time.monotonic() - t0
-        decode_s = elapsed - ((first or t0) - t0)
-        conn.send(
-            (
-                "done",
-                job_id,
-                {
-                    **_usage(engine),
-                    "tokens": tokens,
-                    "cancelled": cancelled,
-                    "first_token_ms": None if first is None else round((first - t0) * 1000, 1),
-                    "total_ms": round(elapsed * 1000, 1),
-                    "decode_tok_s": round((tokens - 1) / decode_s, 2) if tokens > 1 and decode_s > 0 else None,
-                },
-            )
-        )
-    except (BrokenPipeError, EOFError, OSError):
-        return False
-    except Exception as exc:  # noqa: BLE001 - the request fails, the worker lives on
-        conn.send(("err", job_id, describe(exc)))
-    return not stop_after

@@ -24,6 +24,7 @@ from .llm_remote import BACKEND as REMOTE
 from .llm_remote import RemoteLlm
 from .metrics import Metrics
 from .model_status import model_status
+from .priority import STT_PRIORITY, PriorityExecutor
 from .runtime_turn import TurnDetection
 from .vad import VadStream
 
@@ -56,8 +57,10 @@ class Engines(TurnDetection):
         self.stt_state = EngineState(path=cfg.stt.model_path)
         self.tts_state = EngineState(path=cfg.tts.model_path)
         self.vad_state = EngineState()
-        self.stt_exec = concurrent.futures.ThreadPoolExecutor(cfg.stt.concurrency, thread_name_prefix="stt")
-        self.tts_exec = concurrent.futures.ThreadPoolExecutor(cfg.tts.concurrency, thread_name_prefix="tts")
+        # Critical path first (priority.py); "fifo": in arrival order, as a plain thread pool.
+        fifo = cfg.scheduling == "fifo"
+        self.stt_exec = PriorityExecutor(cfg.stt.concurrency, name="stt", fifo=fifo)
+        self.tts_exec = PriorityExecutor(cfg.tts.concurrency, name="tts", fifo=fifo)
         # Model loading, hashing, big base64/JSON decoding: never on the loop, never behind a transcription.
         self.aux_exec = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="aux")
         self.pool: LlmPool | RemoteLlm = (self._make_remote(cfg.llm.remote_model) if cfg.llm.backend == REMOTE
@@ -75,6 +78,7 @@ class Engines(TurnDetection):
             LlmParams(context=c.context, threads=c.threads, batch=c.batch, gpu_layers=c.gpu_layers,
                       warmup_system_prompt=c.system_prompt),
             workers=c.workers,
+            scheduling=self.cfg.scheduling,
             max_queue=c.max_queue,
             infer_timeout_s=c.infer_timeout_s,
             on_event=self.metrics.on_pool_event,
@@ -334,7 +338,8 @@ class Engines(TurnDetection):
         t0 = time.perf_counter()
         self.stt_inflight += 1
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self.stt_exec, self._waited("stt", fn, *args))
+            priority = STT_PRIORITY.get(kind, 1)
+            result = await asyncio.wrap_future(self.stt_exec.submit(priority, self._waited("stt", fn, *args)))
         finally:
             self.stt_inflight -= 1
         self.metrics.stt_seconds.labels(kind).observe(time.perf_counter() - t0)
@@ -350,14 +355,14 @@ class Engines(TurnDetection):
 
         return run
 
-    async def synthesize(self, text: str) -> tuple[np.ndarray, int]:
-        """Synthesize on the TTS threads: (float32 audio, sample rate)."""
+    async def synthesize(self, text: str, due: float | None = None) -> tuple[np.ndarray, int]:
+        """Synthesize on the TTS threads, the audio needed soonest (`due`, monotonic) first: (audio, rate)."""
         tts = self.tts
         if tts is None:
             raise NotReady(self.tts_state.error or "TTS is not ready")
         t0 = time.perf_counter()
-        audio = await asyncio.get_running_loop().run_in_executor(
-            self.tts_exec, self._waited("tts", tts.synthesize_all, text))
+        when = time.monotonic() if due is None else due
+        audio = await asyncio.wrap_future(self.tts_exec.submit(when, self._waited("tts", tts.synthesize_all, text)))
         self.metrics.tts_seconds.observe(time.perf_counter() - t0)
         return audio, tts.sample_rate
 
@@ -390,5 +395,6 @@ class Engines(TurnDetection):
     async def close(self) -> None:
         """Stop the pool and the threads."""
         await self.pool.close()
-        for ex in (self.stt_exec, self.tts_exec, self.aux_exec):
-            ex.shutdown(wait=False, cancel_futures=True)
+        self.stt_exec.shutdown()
+        self.tts_exec.shutdown()
+        self.aux_exec.shutdown(wait=False, cancel_futures=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +37,18 @@ class SamplingParams:
     # A JSON schema (as text) the answer must follow, enforced by a llama.cpp grammar: a tool decision is
     # then always valid JSON naming a declared tool, whatever the model.
     json_schema: str | None = None
+
+
+@dataclass
+class ParkedAnswer:
+    """An answer's state set aside between two of its tokens (see LlamaEngine.park)."""
+
+    data: Any  # numpy uint8 array: the KV cells of the answer's sequence
+    size: int
+    n_tokens: int
+    input_ids: Any  # numpy array of the tokens in those cells
+    sampler: Any  # llama-cpp-python's sampler chain, with its repeat-penalty history and grammar state
+    usage: tuple[int, int]
 
 
 class LlamaEngine:
@@ -101,6 +114,47 @@ class LlamaEngine:
             # soak's worker grew 24 MB in 30 minutes). Cheap once the worker has frozen its start-up
             # objects (gc.freeze): ~0.2 ms.
             gc.collect()
+
+    def can_park(self) -> bool:
+        """Whether an answer's state can be set aside mid-answer (not for recurrent or hybrid models)."""
+        return not (getattr(self._llm, "_is_recurrent", False) or getattr(self._llm, "_is_hybrid", False))
+
+    def park(self) -> ParkedAnswer:
+        """Copy out the state of the answer being generated: its sequence's KV cache, tokens and sampler.
+
+        Only the KV cells of sequence 0 are copied (llama_state_seq_get_data), not the whole context
+        state with its logits as Llama.save_state does; the paused generator itself stays as it is. It
+        stopped right after yielding a token, and it decodes that token first when resumed, so no logits
+        need saving.
+        """
+        import llama_cpp
+        import numpy as np
+
+        llm = self._llm
+        ctx = llm._ctx.ctx
+        size = int(llama_cpp.llama_state_seq_get_size(ctx, 0))
+        buf = np.empty(size, dtype=np.uint8)  # not zero-filled first, as a ctypes array would be: one pass less
+        n = int(llama_cpp.llama_state_seq_get_data(ctx, _pointer(buf), size, 0))
+        if n == 0 and llm.n_tokens > 0:
+            raise RuntimeError("could not copy the sequence state")
+        return ParkedAnswer(buf, n, llm.n_tokens, llm.input_ids[: llm.n_tokens].copy(), llm._sampler,
+                            (llm.prompt_tokens, llm.cached_tokens))
+
+    def unpark(self, state: ParkedAnswer) -> None:
+        """Restore an answer parked by `park`, replacing whatever the context holds now."""
+        import llama_cpp
+
+        llm = self._llm
+        llm._ctx.kv_cache_seq_rm(0, -1, -1)
+        if state.size and not llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, _pointer(state.data), state.size, 0):
+            llm.n_tokens = 0
+            raise RuntimeError("could not restore the sequence state")
+        llm.n_tokens = state.n_tokens
+        llm.input_ids[: state.n_tokens] = state.input_ids
+        llm._sampler = state.sampler
+        llm.prompt_tokens, llm.cached_tokens = state.usage
+        # A new prompt that matches all of this must still decode before sampling (see Llama.generate).
+        llm._requires_eval = True
 
     def last_usage(self) -> dict[str, int]:
         """The prompt tokens of the last answer streamed, and how many of them llama.cpp reused from its cache."""
@@ -185,3 +239,8 @@ def _counting_llama() -> Any:
             super().eval(tokens)
 
     return CountingLlama
+
+
+def _pointer(buf: Any) -> Any:
+    """A numpy uint8 array as the `uint8_t *` llama.cpp's state functions take."""
+    return buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))

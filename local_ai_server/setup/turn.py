@@ -173,7 +173,7 @@ class _Engines:
         self.stt_inflight = 0
         self.first_tts_ms: float | None = None
 
-    async def synthesize(self, text: str) -> tuple[Any, int]:
+    async def synthesize(self, text: str, due: float | None = None) -> tuple[Any, int]:
         t0 = time.perf_counter()
         audio = await asyncio.to_thread(self.tts.synthesize_all, text)
         if self.first_tts_ms is None:

@@ -165,7 +165,8 @@ class Call:
         if not speak:
             return None
         enc, rate, _fb = self.session.output_format()
-        return Voice(self.engines, self.sink, enc, rate, lambda coro: self._tasks.spawn(coro), self._turn_error)
+        return Voice(self.engines, self.sink, enc, rate, lambda coro: self._tasks.spawn(coro), self._turn_error,
+                     pace_ahead_s=self.cfg.pace_ahead_s if self.cfg.scheduling == "priority" else None)
 
     async def _answer(self, turn: Turn, text: str, speak: bool, stream_tokens: bool,
                       context: tuple[tuple[str, str], ...] | None, fixed: str | None, remember: str | None) -> None:

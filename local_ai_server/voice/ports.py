@@ -99,8 +99,11 @@ class Engines(Protocol):
     async def transcribe(self, audio: np.ndarray, kind: str = "final") -> Transcript:
         """16 kHz float32 audio to text; raises NotReady without a model."""
 
-    async def synthesize(self, text: str) -> tuple[np.ndarray, int]:
-        """Text to (float32 audio, sample rate); raises NotReady without a voice."""
+    async def synthesize(self, text: str, due: float | None = None) -> tuple[np.ndarray, int]:
+        """Text to (float32 audio, sample rate); raises NotReady without a voice.
+
+        `due`: when the audio is needed (time.monotonic()); what is needed sooner is synthesized first.
+        """
 
     async def run_aux(self, fn: Callable[..., T], *args: Any) -> T:
         """Blocking work (decoding, resampling) off the event loop."""

@@ -18,6 +18,7 @@ from ..audio import encode_output
 from ..errors import RequestId, ServerError
 from ..text import SentenceSplitter, clean_for_speech
 from .events import Speech, Token
+from .pace import TICK_S, Pacer
 from .ports import Engines, Sink, TokenSource
 
 _turn_ids = itertools.count(1)
@@ -99,11 +100,17 @@ class FixedAnswer:
 
 async def synthesize(engines: Engines, text: str, encoding: str, rate: int) -> bytes:
     """`text` spoken and encoded for the wire (empty when the voice made no sound of it)."""
-    audio, sr = await engines.synthesize(text)
+    return (await synthesize_timed(engines, text, encoding, rate))[0]
+
+
+async def synthesize_timed(engines: Engines, text: str, encoding: str, rate: int,
+                           due: float | None = None) -> tuple[bytes, float]:
+    """`text` spoken and encoded for the wire, and how long it plays; `due`: when it is needed."""
+    audio, sr = await (engines.synthesize(text) if due is None else engines.synthesize(text, due=due))
     if audio.size == 0:
-        return b""
+        return b"", 0.0
     # Resampling a sentence takes a few ms: not on the loop.
-    return await engines.run_aux(encode_output, audio, sr, encoding, rate)
+    return await engines.run_aux(encode_output, audio, sr, encoding, rate), audio.size / sr
 
 
 @dataclass
@@ -118,6 +125,9 @@ class Voice:
     spawn: Callable[[Any], asyncio.Task[Any]]
     # An error of this turn (not raised: a turn that fails still owes its requester one answer).
     on_error: Callable[[Turn, ServerError], None]
+    # Paced: an answer is generated and synthesized at most this many seconds of audio ahead of its
+    # playback (None: as fast as it comes); see pace.Pacer.
+    pace_ahead_s: float | None = None
 
 
 async def run_answer(turn: Turn, job: TokenSource, voice: Voice | None, *, stream_tokens: bool,
@@ -125,10 +135,12 @@ async def run_answer(turn: Turn, job: TokenSource, voice: Voice | None, *, strea
     """Stream `job`'s answer: tokens to the sink if asked, sentences to the speaker as they complete.
 
     Returns the whole answer; cancellation (barge-in) stops the job and the speaker. `turn.parts` keeps
-    what was generated, for the history of an interrupted answer.
+    what was generated, for the history of an interrupted answer. A spoken answer is paced: once its
+    first sentence is written the rest is background work, urgent again only when its audio runs short.
     """
     sentences: asyncio.Queue[tuple[str, bool] | None] = asyncio.Queue()
-    speaker = voice.spawn(speak(turn, sentences, voice)) if voice is not None else None
+    pacer = Pacer(job, voice.pace_ahead_s) if voice is not None else None
+    speaker = voice.spawn(speak(turn, sentences, voice, pacer)) if voice is not None else None
     splitter = SentenceSplitter(first_clause_chars=FIRST_CLAUSE_CHARS, first_clause_words=FIRST_CLAUSE_WORDS,
                                 clause_tail_words=CLAUSE_TAIL_WORDS)
     try:
@@ -139,9 +151,12 @@ async def run_answer(turn: Turn, job: TokenSource, voice: Voice | None, *, strea
                 if stream_tokens:
                     token = Token(delta, job.last_tokens, turn.request_id)
                     turn.emit(functools.partial(sink.data, token, turn))
-                if speaker is not None:
+                if speaker is not None and pacer is not None:
                     for sentence in splitter.push(delta):
                         sentences.put_nowait((sentence, False))
+                        pacer.written(sentence)
+        if pacer is not None:
+            pacer.finished = True
         if speaker is not None:
             rest = splitter.flush()
             for i, sentence in enumerate(rest):
@@ -156,12 +171,24 @@ async def run_answer(turn: Turn, job: TokenSource, voice: Voice | None, *, strea
     return "".join(turn.parts).strip()
 
 
-async def speak(turn: Turn, sentences: asyncio.Queue[tuple[str, bool] | None], voice: Voice) -> None:
+async def _next(sentences: asyncio.Queue[tuple[str, bool] | None], pacer: Pacer | None) -> tuple[str, bool] | None:
+    """The next sentence to speak; while none comes, the answer's urgency follows its playback."""
+    if pacer is None:
+        return await sentences.get()
+    while True:
+        try:
+            return await asyncio.wait_for(sentences.get(), TICK_S)
+        except asyncio.TimeoutError:
+            pacer.update()
+
+
+async def speak(turn: Turn, sentences: asyncio.Queue[tuple[str, bool] | None], voice: Voice,
+                pacer: Pacer | None = None) -> None:
     """Synthesize sentences as they arrive and emit each as the next chunk of one utterance."""
     utterance_id = uuid.uuid4().hex[:16]
     index = 0
     while True:
-        item = await sentences.get()
+        item = await _next(sentences, pacer)
         if item is None:
             if index > 0 and not turn.timings.get("final_sent"):
                 # The last sentence had nothing speakable: close the utterance with a short silence.
@@ -171,12 +198,24 @@ async def speak(turn: Turn, sentences: asyncio.Queue[tuple[str, bool] | None], v
         sentence, is_last = item
         words = clean_for_speech(sentence)
         if not words:
+            if pacer is not None:
+                pacer.sent(sentence, 0.0)
             continue
+        due = None
+        if pacer is not None and index > 0:
+            # Synthesized no further ahead of playback than the pace allows, and queued for the TTS
+            # threads by when it plays: a caller's first sentence (due now) goes before it.
+            wait = pacer.synth_wait()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            due = pacer.due()
         try:
-            payload = await synthesize(voice.engines, words, voice.encoding, voice.rate)
+            payload, seconds = await synthesize_timed(voice.engines, words, voice.encoding, voice.rate, due)
         except ServerError as err:
             voice.on_error(turn, err)
             return
+        if pacer is not None:
+            pacer.sent(sentence, seconds)
         if not payload:
             continue
         emit_speech(turn, voice, utterance_id, index, is_last, payload, words)

@@ -29,12 +29,27 @@ def script(tokens: list[str], *, delay_s: float = 0.0, fail: str | None = None,
 
 
 class FakeEngine:
-    """Plays the script of each request; describes itself like a loaded model."""
+    """Plays the script of each request; describes itself like a loaded model.
 
-    def __init__(self, path: Path) -> None:
+    Like a real engine it holds the state of one answer at a time (`loaded`): an answer resumed without
+    its own state restored (`unpark`) fails, as a real one would go on from another answer's KV cache.
+    """
+
+    def __init__(self, path: Path, parks: bool = True) -> None:
         self.path = path
         self.prompt_chars = 0
         self.load_nice = os.getpriority(os.PRIO_PROCESS, 0)  # the loading thread's own (Linux)
+        self.parks = parks
+        self.loaded: object | None = None
+
+    def can_park(self) -> bool:
+        return self.parks
+
+    def park(self) -> object | None:
+        return self.loaded
+
+    def unpark(self, state: object | None) -> None:
+        self.loaded = state
 
     def last_usage(self) -> dict[str, int]:
         """The last prompt's size, as a real engine tells its token count: here, its characters."""
@@ -50,6 +65,7 @@ class FakeEngine:
                should_stop: Callable[[], bool]) -> Iterator[str]:
         spec = json.loads(messages[-1][1])
         self.prompt_chars = sum(len(content) for _, content in messages)
+        mine = self.loaded = object()
         for i, token in enumerate([*spec["tokens"], None]):
             if spec["fail"] is not None and i == spec["fail_after"]:
                 if spec["fail"] == "raise":
@@ -61,6 +77,8 @@ class FakeEngine:
                 return
             if spec["delay_s"]:
                 time.sleep(spec["delay_s"])
+            if self.loaded is not mine:
+                raise RuntimeError("resumed on another answer's state")
             # "@nice": the serving thread's nice value, said as a token.
             yield str(os.getpriority(os.PRIO_PROCESS, 0)) if token == "@nice" else token
             if should_stop():
@@ -72,8 +90,9 @@ class FakeEngineFactory:
     """An engine factory for LlmPool: picklable, so it travels to each spawned worker."""
 
     load_error: str | None = None  # raised while "loading the model"
+    parks: bool = True  # whether its engines can pause an answer for another
 
     def __call__(self, model_path: Path, params: LlmParams) -> FakeEngine:
         if self.load_error is not None:
             raise RuntimeError(self.load_error)
-        return FakeEngine(model_path)
+        return FakeEngine(model_path, self.parks)

@@ -270,3 +270,14 @@ def test_main_reports_corrupt_selection_and_exits_2(tmp_path: Path, capsys: pyte
     (tmp_path / "selected.json").write_text("{not json", encoding="utf-8")
     assert cli.main(["--models-dir", str(tmp_path)]) == 2
     assert "selection" in capsys.readouterr().err
+
+
+def test_scheduling_and_pace() -> None:
+    cfg = build({})
+    assert cfg.scheduling == "priority" and cfg.pace_ahead_s == 5.0
+    cfg = build({"LOCAL_SCHEDULING": "FIFO", "LOCAL_PACE_AHEAD_S": "3.5"})
+    assert cfg.scheduling == "fifo" and cfg.pace_ahead_s == 3.5
+    with pytest.raises(ConfigError, match="LOCAL_SCHEDULING"):
+        build({"LOCAL_SCHEDULING": "lifo"})
+    with pytest.raises(ConfigError, match="LOCAL_PACE_AHEAD_S"):
+        validate(build({"LOCAL_PACE_AHEAD_S": "0"}))

@@ -103,7 +103,7 @@ class FakeEngines:
         self.transcribed += kind == "final"
         return Transcript(self.heard, 0.9, len(audio) / 16000)
 
-    async def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+    async def synthesize(self, text: str, due: float | None = None) -> tuple[np.ndarray, int]:
         await asyncio.sleep(0)
         if self.tts_fail is not None:
             raise self.tts_fail

@@ -10,6 +10,7 @@ import concurrent.futures
 import heapq
 import itertools
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -27,10 +28,26 @@ URGENT, REFILL, BACKGROUND, HELD = 0, 1, 2, 3
 STT_PRIORITY = {"final": 0, "turn": 1, "partial": 2}
 
 
+# Executors still running. At interpreter exit each is stopped and its threads end after the call they are
+# in: a daemon thread killed inside native code (a CTranslate2 transcription, Piper) aborts the process
+# ("terminate called without an active exception"). ThreadPoolExecutor does the same.
+_LIVE: weakref.WeakSet[PriorityExecutor] = weakref.WeakSet()
+
+
+def _stop_all_at_exit() -> None:
+    for ex in list(_LIVE):
+        ex.shutdown(wait=False)
+
+
+# Runs before the interpreter joins its non-daemon threads (the hook concurrent.futures uses).
+threading._register_atexit(_stop_all_at_exit)  # type: ignore[attr-defined]
+
+
 class PriorityExecutor:
     """A fixed set of threads serving a bounded queue in order of (priority, submission); lowest first.
 
-    With `fifo` the priority is ignored: submission order alone, as a ThreadPoolExecutor serves.
+    With `fifo` the priority is ignored: submission order alone, as a ThreadPoolExecutor serves. Its
+    threads are not daemons: at exit they finish the call they are in (see _stop_all_at_exit).
     """
 
     def __init__(self, workers: int, *, name: str, max_queue: int = 256, fifo: bool = False) -> None:
@@ -40,8 +57,9 @@ class PriorityExecutor:
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._shutdown = False
-        self._threads = [threading.Thread(target=self._run, name=f"{name}_{i}", daemon=True)
+        self._threads = [threading.Thread(target=self._run, name=f"{name}_{i}")
                          for i in range(max(1, workers))]
+        _LIVE.add(self)
         for t in self._threads:
             t.start()
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from local_ai_server.errors import Busy
 from local_ai_server.priority import PriorityExecutor
+from tests.paths import REPO
 
 BOUND_S = 10.0
 
@@ -116,3 +120,21 @@ def test_shutdown_cancels_what_waits() -> None:
     gate.set()
     with pytest.raises(RuntimeError):
         ex.submit(0, lambda: None)
+
+
+def test_at_exit_the_call_in_progress_finishes_and_the_process_exits(tmp_path: Path) -> None:
+    # A daemon thread would be killed mid-call at interpreter exit (inside native code, that aborts the
+    # process); the executor's threads instead finish the call they are in, and nothing waiting keeps the
+    # process alive.
+    done = tmp_path / "done"
+    code = (
+        "import time\n"
+        "from local_ai_server.priority import PriorityExecutor\n"
+        "ex = PriorityExecutor(1, name='exit')\n"
+        f"ex.submit(0, lambda: (time.sleep(0.5), open({str(done)!r}, 'w').close()))\n"
+        "ex.submit(1, time.sleep, 3600)\n"
+        "time.sleep(0.1)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert done.exists()
